@@ -1,0 +1,32 @@
+"""The in-memory object type shared by every stage: a description and one geometry in bins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Geometry = Literal["bbox_2d", "poly"]
+GEOMETRIES: tuple[str, ...] = ("bbox_2d", "poly")
+
+
+@dataclass(frozen=True)
+class DetObject:
+    """One object. ``bins`` is the flat ``[x1, y1, x2, y2]`` (bbox) or ``[x1, y1, ..., xn, yn]`` (poly)
+    in coord bins 0..999 (SPEC §3 convention)."""
+
+    desc: str
+    geometry: Geometry
+    bins: tuple[int, ...]
+
+    def points(self) -> list[tuple[int, int]]:
+        """Vertices in bins: the poly's points, or a box's 4 corners (x1,y1),(x2,y1),(x2,y2),(x1,y2)."""
+        b = self.bins
+        if self.geometry == "bbox_2d":
+            x1, y1, x2, y2 = b
+            return [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
+        return [(b[i], b[i + 1]) for i in range(0, len(b), 2)]
+
+    def aabb(self) -> tuple[int, int, int, int]:
+        """Axis-aligned bounding box ``(x1, y1, x2, y2)`` in bins."""
+        xs, ys = self.bins[0::2], self.bins[1::2]
+        return min(xs), min(ys), max(xs), max(ys)

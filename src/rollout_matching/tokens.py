@@ -1,0 +1,132 @@
+"""Per-id text pieces and coord-bin lookup, built once per tokenizer (SPEC §6 "per-id piece cache").
+
+Pieces are the token's UTF-8 BYTES, not decoded text: byte-level BPE can split one multi-byte
+character across tokens, and ``decode([id])`` would then give U+FFFD. JSON structure characters are
+ASCII, and UTF-8 continuation bytes are >= 0x80, so a byte-wise scan can never confuse the two.
+
+This module is duck-typed over a Hugging Face tokenizer (``convert_ids_to_tokens``,
+``get_added_vocab``, ``__call__``/``encode``) and never imports transformers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from src.data.coords import NUM_BINS
+
+COORD_PREFIX = "<|coord_"
+IM_END = "<|im_end|>"
+UNKNOWN_PIECE = b"\x00"  # ids the tokenizer does not know (e.g. padded embedding rows): never valid JSON
+
+
+def _byte_decoder() -> dict[str, int]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+@dataclass(frozen=True, eq=False)
+class TokenTable:
+    """Everything the parser and the target builder need to know about a tokenizer.
+
+    Attributes:
+        pieces: id -> UTF-8 bytes of that token's text (added tokens: their literal content).
+        coord_bin: int32 [V]; bin 0..999 of a coord token id, -1 otherwise.
+        coord_ids: int64 [1000]; id of ``<|coord_k|>`` at index k.
+        im_end_id: id of ``<|im_end|>`` (the chat end token = EOS of the assistant turn).
+        encode: plain-text tokenization without special tokens added (coord tokens stay atomic).
+    """
+
+    pieces: tuple[bytes, ...]
+    coord_bin: np.ndarray
+    coord_ids: np.ndarray
+    im_end_id: int
+    encode: Callable[[str], list[int]]
+
+    def piece(self, token_id: int) -> bytes:
+        return self.pieces[token_id] if 0 <= token_id < len(self.pieces) else UNKNOWN_PIECE
+
+    def is_coord(self, token_id: int) -> bool:
+        return 0 <= token_id < len(self.coord_bin) and self.coord_bin[token_id] >= 0
+
+    def bin_of(self, token_id: int) -> int:
+        """Bin of a coord token id; -1 for any other id."""
+        return int(self.coord_bin[token_id]) if 0 <= token_id < len(self.coord_bin) else -1
+
+    def text(self, ids: Sequence[int]) -> str:
+        """Decode ids to text exactly as the pieces concatenate (invalid UTF-8 replaced)."""
+        return b"".join(self.piece(i) for i in ids).decode("utf-8", errors="replace")
+
+    @classmethod
+    def from_pieces(cls, pieces: Sequence[bytes], encode: Callable[[str], list[int]], im_end_id: int) -> "TokenTable":
+        """Build from raw pieces (tests and non-HF tokenizers). Coord tokens are found by content."""
+        coord_bin = np.full(len(pieces), -1, dtype=np.int32)
+        coord_ids = np.full(NUM_BINS, -1, dtype=np.int64)
+        for i, p in enumerate(pieces):
+            if p.startswith(b"<|coord_") and p.endswith(b"|>"):
+                digits = p[8:-2]
+                if digits.isdigit() and (len(digits) == 1 or digits[:1] != b"0") and int(digits) < NUM_BINS:
+                    coord_bin[i] = int(digits)
+                    coord_ids[int(digits)] = i
+        if (coord_ids < 0).any():
+            missing = int(np.flatnonzero(coord_ids < 0)[0])
+            raise ValueError(f"tokenizer lacks <|coord_{missing}|> (and maybe others); add the coord tokens first")
+        return cls(tuple(pieces), coord_bin, coord_ids, int(im_end_id), encode)
+
+
+_CACHE: "weakref.WeakKeyDictionary[object, TokenTable]" = weakref.WeakKeyDictionary()
+_CACHE_BY_ID: dict[int, TokenTable] = {}
+
+
+def token_table(tokenizer) -> TokenTable:
+    """The (cached) :class:`TokenTable` of a Hugging Face tokenizer or processor. ~0.3 s the first time."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # accept a processor
+    try:
+        cached = _CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = _CACHE_BY_ID.get(id(tokenizer))
+    if cached is not None and len(cached.pieces) == len(tokenizer):
+        return cached
+    table = _build(tokenizer)
+    try:
+        _CACHE[tokenizer] = table
+    except TypeError:
+        _CACHE_BY_ID[id(tokenizer)] = table
+    return table
+
+
+def _build(tokenizer) -> TokenTable:
+    n = len(tokenizer)
+    added = {content: i for content, i in tokenizer.get_added_vocab().items()}
+    added_by_id = {i: c for c, i in added.items()}
+    dec = _byte_decoder()
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    pieces: list[bytes] = []
+    for i, t in enumerate(tokens):
+        if i in added_by_id:
+            pieces.append(added_by_id[i].encode("utf-8"))
+        elif t is None:
+            pieces.append(UNKNOWN_PIECE)
+        else:
+            try:
+                pieces.append(bytes(dec[c] for c in t))
+            except KeyError:  # not a byte-level vocabulary: fall back to the token's own text
+                pieces.append(t.encode("utf-8"))
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if im_end is None or im_end == getattr(tokenizer, "unk_token_id", None):
+        raise ValueError("tokenizer has no <|im_end|> token; only Qwen chat tokenizers are supported")
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return TokenTable.from_pieces(pieces, encode, im_end)

@@ -1,0 +1,19 @@
+"""Session-scoped fixtures: the real-vocabulary Qwen tokenizer (built offline once, ~4 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from src.models.tokenizer import build_qwen_tokenizer
+
+    return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def token_table(qwen_tokenizer):
+    from src.rollout_matching.tokens import token_table as build
+
+    return build(qwen_tokenizer)
