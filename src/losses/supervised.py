@@ -1,0 +1,111 @@
+"""Losses of one teacher-forced forward, shared by stage 1 and stage 2 (SPEC §10).
+
+Inputs are the logits at the supervised positions only (``[N, V]``, flattened over the batch) and, for
+each of those positions, what supervises it: a CE target token (or -100), a coord target bin (or -1),
+the coord segment (0 = rollout prefix, 1 = tail / stage-1 GT) and the sample it belongs to.
+
+Normalisation (one scheme, used by both stages, tested):
+    loss_s    = ce_weight * mean_CE(sample s) + coord_weight * mean_coord(sample s)
+                (a mean over zero positions is 0: a sample with nothing supervised adds exactly 0)
+    loss      = sum_s loss_s / num_samples(micro-batch)
+The Trainer divides by gradient_accumulation_steps (``loss_is_scaled_for_ga = False``) and DDP averages
+gradients over ranks, so an optimizer step minimises the mean over ALL its samples of loss_s; gradient
+accumulation 2x1 therefore equals a batch of 2.
+
+Reported figures are token-weighted sums (``*_sum`` / ``*_count``) so that ``loss/ce`` is the mean over
+all CE tokens of the logging window and ``loss/coord`` the mean over all coord positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from src.losses.coord import coord_diagnostics, coord_loss_terms, weighted_coord_loss
+
+SEGMENT_PREFIX = 0
+SEGMENT_TAIL = 1
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: torch.Tensor              # scalar, differentiable, normalised as documented above
+    sums: dict[str, torch.Tensor]   # detached float sums for logging (names -> scalar)
+
+
+def _segment_mean(values: torch.Tensor, sample_idx: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Per-sample mean of ``values`` ``[n]`` grouped by ``sample_idx``; 0 for samples without values.
+
+    Stays connected to the graph when ``values`` is empty (all-zero gradient, never NaN)."""
+    sums = values.new_zeros(num_samples).index_add(0, sample_idx, values)
+    counts = torch.bincount(sample_idx, minlength=num_samples).to(values.dtype)
+    return sums / counts.clamp_min(1.0)
+
+
+def teacher_forced_losses(
+    logits: torch.Tensor,
+    ce_targets: torch.Tensor,
+    coord_bins: torch.Tensor,
+    coord_segment: torch.Tensor,
+    sample_idx: torch.Tensor,
+    num_samples: int,
+    coord_ids: torch.Tensor,
+    *,
+    ce_weight: float = 1.0,
+    coord_weight: float = 1.0,
+    soft_ce_weight: float = 1.0,
+    w1_weight: float = 1.0,
+    gate_weight: float = 1.0,
+    target_sigma: float = 2.0,
+    target_truncate: int | None = None,
+    temperature: float = 1.0,
+) -> LossOutput:
+    """Masked CE + coord loss.
+
+    Args:
+        logits: ``[N, V]`` logits at the supervised positions (any float dtype).
+        ce_targets: ``[N]`` long, target token id or -100 (not CE-supervised).
+        coord_bins: ``[N]`` long, target bin 0..999 or -1 (not a coord position). A position is never both.
+        coord_segment: ``[N]`` long, SEGMENT_PREFIX or SEGMENT_TAIL (only read at coord positions).
+        sample_idx: ``[N]`` long, index 0..num_samples-1 of the sample each position belongs to.
+        coord_ids: ``[1000]`` long, vocabulary ids of ``<|coord_0..999|>``.
+    """
+    if logits.shape[0] != ce_targets.shape[0]:
+        raise ValueError(f"logits rows {logits.shape[0]} != supervised positions {ce_targets.shape[0]}")
+    ce_mask = ce_targets >= 0
+    coord_mask = coord_bins >= 0
+    if bool((ce_mask & coord_mask).any()):
+        raise ValueError("a position is supervised both by CE and by the coord loss")
+
+    ce_logits = logits[ce_mask].float()
+    ce_tok = F.cross_entropy(ce_logits, ce_targets[ce_mask], reduction="none")  # [n_ce]
+    ce_per_sample = _segment_mean(ce_tok, sample_idx[ce_mask], num_samples)
+
+    c_logits = logits[coord_mask]
+    full_lse = torch.logsumexp(c_logits.float(), dim=-1)  # [n_coord]
+    z = c_logits.index_select(-1, coord_ids)  # [n_coord, 1000]
+    bins = coord_bins[coord_mask]
+    terms = coord_loss_terms(z, full_lse, bins, sigma=target_sigma, truncate=target_truncate, temperature=temperature)
+    coord_tok = weighted_coord_loss(terms, soft_ce_weight, w1_weight, gate_weight)  # [n_coord]
+    coord_per_sample = _segment_mean(coord_tok, sample_idx[coord_mask], num_samples)
+
+    loss = (ce_weight * ce_per_sample + coord_weight * coord_per_sample).sum() / max(num_samples, 1)
+    if not ce_tok.numel() and not coord_tok.numel():
+        loss = loss + logits.sum() * 0.0  # keep the graph connected (DDP) with an exact zero
+
+    seg = coord_segment[coord_mask]
+    diag = coord_diagnostics(z, full_lse, bins)
+    with torch.no_grad():
+        f = lambda t: t.detach().float().sum()  # noqa: E731
+        sums = {
+            "ce_sum": f(ce_tok), "ce_count": torch.tensor(float(ce_tok.numel()), device=logits.device),
+            "coord_sum": f(coord_tok), "coord_count": torch.tensor(float(coord_tok.numel()), device=logits.device),
+            "coord_prefix_sum": f(coord_tok[seg == SEGMENT_PREFIX]), "coord_prefix_count": (seg == SEGMENT_PREFIX).float().sum(),
+            "coord_tail_sum": f(coord_tok[seg == SEGMENT_TAIL]), "coord_tail_count": (seg == SEGMENT_TAIL).float().sum(),
+            "coord_soft_ce_sum": f(terms.soft_ce), "coord_w1_sum": f(terms.w1), "coord_gate_sum": f(terms.gate),
+            "coord_mass_sum": f(diag["coord_mass"]), "coord_top1_sum": f(diag["coord_top1"]),
+            "coord_abs_err_sum": f(diag["coord_abs_err"]),
+        }
+    return LossOutput(loss=loss, sums=sums)

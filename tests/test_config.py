@@ -1,0 +1,132 @@
+"""Config: extends/merge, strict typed validation, one-line errors, every shipped YAML validates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.config.loader import ConfigError, config_from_dict, gradient_accumulation_for, load_config, merge
+from src.config.schema import RolloutMatchingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"model_name_or_path": "m"}, "custom": {"train_jsonl": "t.jsonl"}}
+
+
+def cfg_with(extra: dict):
+    return config_from_dict(merge(MINIMAL, extra))
+
+
+def write(p: Path, data: dict) -> Path:
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_validates(path):
+    if path.parent.name == "deepspeed":
+        pytest.skip("DeepSpeed JSON-style config, not a run config")
+    cfg = load_config(path)
+    assert cfg.model.model_name_or_path and cfg.custom.train_jsonl
+
+
+def test_defaults_match_spec_section_12():
+    rm = RolloutMatchingConfig()
+    assert (rm.decode_mode, rm.temperature, rm.candidate_top_k, rm.maskiou_gate, rm.maskiou_resolution) == ("greedy", 0.0, 5, 0.3, 256)
+    assert (rm.fp_cost, rm.fn_cost, rm.ot_cost, rm.ot_epsilon, rm.ot_iters) == (0.5, 2.0, "l2", 10.0, 30)
+    c = cfg_with({}).custom.coord_soft_ce_w1
+    assert (c.target_sigma, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (2.0, 1.0, 1.0, 1.0)
+
+
+def test_extends_chain_merges_recursively_and_replaces_lists(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    write(tmp_path / "base.yaml", {**MINIMAL, "training": {"report_to": ["tensorboard"], "learning_rate": 1e-4},
+                                   "custom": {"train_jsonl": "t.jsonl", "extra": {"rollout_matching": {"maskiou_gate": 0.4, "fp_cost": 0.7}}}})
+    write(sub / "child.yaml", {"extends": "../base.yaml", "training": {"report_to": []},
+                               "custom": {"extra": {"rollout_matching": {"maskiou_gate": 0.5}}}})
+    cfg = load_config(sub / "child.yaml")
+    assert cfg.rollout_matching.maskiou_gate == 0.5 and cfg.rollout_matching.fp_cost == 0.7  # recursive merge
+    assert cfg.training.args["report_to"] == [] and cfg.training.args["learning_rate"] == 1e-4  # list replaced
+    assert [Path(s).name for s in cfg.sources] == ["base.yaml", "child.yaml"]
+
+
+def test_extends_list_and_base_config(tmp_path):
+    write(tmp_path / "a.yaml", {"training": {"learning_rate": 1.0}})
+    write(tmp_path / "b.yaml", {"training": {"learning_rate": 2.0, "seed": 7}})
+    write(tmp_path / "c.yaml", {**MINIMAL, "extends": ["a.yaml", "b.yaml"]})
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.training.args["learning_rate"] == 2.0 and cfg.training.args["seed"] == 7
+    write(tmp_path / "base.yaml", {"training": {"seed": 3, "learning_rate": 9.0}})
+    cfg = load_config(tmp_path / "c.yaml", tmp_path / "base.yaml")
+    assert cfg.training.args["seed"] == 7  # --config overrides --base_config
+
+
+def test_extends_cycle_rejected(tmp_path):
+    write(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"custom": {"extra": {"rollout_matching": {"maskiou_gat": 0.3}}}}, "custom.extra.rollout_matching.maskiou_gat: unknown key (did you mean 'maskiou_gate'?)"),
+        ({"training": {"learnig_rate": 1e-3}}, "training.learnig_rate: unknown key (not a transformers.TrainingArguments field) (did you mean 'learning_rate'?)"),
+        ({"modle": {}}, "modle: unknown top-level key (did you mean 'model'?)"),
+        ({"training": {"bf16": "yes"}}, "training.bf16: expected true/false, got 'yes'"),
+        ({"training": {"per_device_train_batch_size": 1.5}}, "training.per_device_train_batch_size: expected an integer"),
+        ({"custom": {"extra": {"rollout_matching": {"max_new_tokens": "many"}}}}, "custom.extra.rollout_matching.max_new_tokens: expected an integer"),
+        ({"custom": {"trainer_variant": "rollout_matching"}}, "did you mean 'rollout_matching_sft'?"),
+        ({"custom": {"coord_soft_ce_w1": {"target_sigma": -1.0}}}, "custom.coord_soft_ce_w1.target_sigma"),
+        ({"custom": {"extra": {"rollout_matching": {"decode_mode": "sample"}}}}, "decode_mode: sample needs temperature > 0"),
+        ({"custom": {"extra": {"rollout_matching": {"decode_mode": "beam"}}}}, "num_beams: decode_mode: beam needs num_beams >= 2"),
+        ({"custom": {"extra": {"rollout_matching": {"maskiou_gate": 1.5}}}}, "maskiou_gate: must be in [0, 1]"),
+        ({"training": {"packing": True}, "custom": {"trainer_variant": "rollout_matching_sft"}}, "training.packing: true is not supported with custom.trainer_variant: rollout_matching_sft"),
+        ({"training": {"remove_unused_columns": True}}, "training.remove_unused_columns: must be false"),
+        ({"training": {"effective_batch_size": 8, "gradient_accumulation_steps": 2}}, "set either effective_batch_size or gradient_accumulation_steps"),
+        ({"model": {"model_name_or_path": None}}, "model.model_name_or_path: required"),
+        ({"custom": {"shapes_data": {}, "val_jsonl": "v.jsonl"}}, "custom.shapes_data: the generator writes DIR/train.jsonl"),
+    ],
+)
+def test_bad_configs_give_one_line_naming_the_key(extra, message):
+    with pytest.raises(ConfigError) as e:
+        cfg_with(extra)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_effective_batch_size_sets_accumulation():
+    cfg = cfg_with({"training": {"effective_batch_size": 16, "per_device_train_batch_size": 2}})
+    assert gradient_accumulation_for(cfg, world_size=1) == 8
+    assert gradient_accumulation_for(cfg, world_size=4) == 2
+    with pytest.raises(ConfigError, match="not a multiple"):
+        gradient_accumulation_for(cfg, world_size=3)
+
+
+def test_config_objects_are_frozen():
+    cfg = cfg_with({})
+    with pytest.raises(Exception):
+        cfg.custom.train_jsonl = "x"  # type: ignore[misc]
+
+
+def test_cli_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
+    bad = write(tmp_path / "bad.yaml", merge(MINIMAL, {"custom": {"extra": {"rollout_matching": {"candidate_topk": 5}}}}))
+    r = subprocess.run([sys.executable, "-m", "src.sft", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "custom.extra.rollout_matching.candidate_topk: unknown key (did you mean 'candidate_top_k'?)" in lines[0]
+
+
+def test_cli_print_config_validates_without_loading_a_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "src.sft", "--config", "configs/demo/stage1_shapes.yaml", "--print_config"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["custom"]["trainer_variant"] == "sft"
+    assert printed["custom"]["extra"]["rollout_matching"]["candidate_top_k"] == 5
