@@ -64,8 +64,8 @@ def test_weights_applied_in_one_place():
 
 def _losses(logits, ce, cb, sample_idx, n):
     coord_ids = torch.arange(200, 1200)
-    return teacher_forced_losses(logits, torch.tensor(ce), torch.tensor(cb), torch.ones(len(ce), dtype=torch.long),
-                                 torch.tensor(sample_idx), n, coord_ids)
+    long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return teacher_forced_losses(logits, long(ce), long(cb), torch.ones(len(ce), dtype=torch.long), long(sample_idx), n, coord_ids)
 
 
 def test_per_sample_normalisation_and_accumulation_equivalence():
