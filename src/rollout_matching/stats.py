@@ -1,0 +1,75 @@
+"""Detection counts of parsed rollouts against GT — the ONE implementation of the matching statistics
+shared by training-time rollout evaluation and ``src.eval``.
+
+precision = matched / valid predicted objects, recall = matched / GT objects, F1 their harmonic mean,
+with "matched" decided by :func:`src.rollout_matching.matcher.match_objects` (maskIoU >= gate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, fields
+from typing import Any, Sequence
+
+from src.data.objects import DetObject
+from src.rollout_matching.matcher import match_objects
+from src.rollout_matching.parser import ParseResult
+
+MATCH_KEYS = ("candidate_top_k", "maskiou_gate", "maskiou_resolution", "maskiou_backend", "fp_cost", "fn_cost")
+
+
+def match_kwargs(rm: Any, **overrides: Any) -> dict[str, Any]:
+    """Matcher keyword arguments from a RolloutMatchingConfig (with optional overrides)."""
+    return {**{k: getattr(rm, k) for k in MATCH_KEYS}, **overrides}
+
+
+@dataclass
+class DetectionCounts:
+    images: float = 0
+    pred_objects: float = 0
+    gt_objects: float = 0
+    matched: float = 0
+    parse_valid: float = 0          # the top-level object closed and every entry in it is a valid object
+    images_with_valid_object: float = 0
+    truncated: float = 0
+    dropped_invalid: float = 0
+    hit_max_new_tokens: float = 0
+
+    def add(self, other: "DetectionCounts") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_list(self) -> list[float]:
+        return [float(x) for x in astuple(self)]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> "DetectionCounts":
+        return cls(*values)
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        p = self.matched / self.pred_objects if self.pred_objects else 0.0
+        r = self.matched / self.gt_objects if self.gt_objects else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        n = self.images or 1.0
+        return {
+            f"{prefix}rollout_precision": p,
+            f"{prefix}rollout_recall": r,
+            f"{prefix}rollout_f1": f1,
+            f"{prefix}rollout_parse_valid_rate": self.parse_valid / n,
+            f"{prefix}rollout_nonempty_rate": self.images_with_valid_object / n,
+            f"{prefix}rollout_truncated_rate": self.truncated / n,
+            f"{prefix}rollout_valid_objects_per_image": self.pred_objects / n,
+            f"{prefix}rollout_dropped_invalid": self.dropped_invalid,
+            f"{prefix}rollout_images": self.images,
+        }
+
+
+def count_matches(parsed: ParseResult, gts: Sequence[DetObject], match_kw: dict[str, Any], hit_cap: bool = False) -> DetectionCounts:
+    """Counts for one image."""
+    preds = [o.to_det_object() for o in parsed.objects]
+    m = match_objects(preds, gts, **match_kw)
+    valid = not parsed.truncated and not parsed.malformed and parsed.dropped_invalid == 0
+    return DetectionCounts(
+        images=1, pred_objects=len(preds), gt_objects=len(gts), matched=len(m.matches),
+        parse_valid=float(valid), images_with_valid_object=float(len(preds) > 0),
+        truncated=float(parsed.truncated), dropped_invalid=parsed.dropped_invalid, hit_max_new_tokens=float(hit_cap),
+    )

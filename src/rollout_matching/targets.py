@@ -1,0 +1,180 @@
+"""SerializeAppend, Y_train and per-token supervision (SPEC §8-§10).
+
+    Y_train = prefix_ids + tokenize(fragment) + [<|im_end|>]
+
+* fragment = (", " if the prefix's last non-space char is "}", nothing if it is "{" or ",") + the FN
+  objects serialised exactly as SPEC §4 with keys ``object_{max_object_index + 1}``... + "}".
+  No FN: the fragment is just "}". The parser always cuts right after an object's "}" (or falls back
+  to "{"), so a prefix never ends in ","; one that did could not be closed without FN (TargetError).
+* Prefix: ONLY the coord tokens of matched objects are supervised (coord loss, targets from
+  :func:`src.rollout_matching.ot.prefix_targets`); FP and invalid objects get no loss at all.
+* Tail (fragment + EOS): CE on every non-coord token except tokens overlapping a ``desc`` string
+  VALUE (the characters between its quotes); coord tokens get the coord loss with their own bins.
+  The token holding the closing "}" and the EOS are CE-supervised iff ``supervise_eos``.
+
+Positions here are 0-based indices into Y_train (the assistant span); the trainer adds the prompt
+length. Nothing here imports transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from src.data.objects import DetObject
+from src.data.serialize import SEPARATORS, object_value, order_objects
+from src.rollout_matching.matcher import MatchResult
+from src.rollout_matching.ot import prefix_targets_batch
+from src.rollout_matching.parser import ParseResult
+from src.rollout_matching.tokens import TokenTable
+
+Segment = Literal["prefix", "tail"]
+
+
+class TargetError(RuntimeError):
+    """An internal invariant broke while building Y_train (a bug, never bad user input)."""
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """The appended text and the byte spans (within its UTF-8 encoding) of each desc VALUE."""
+
+    text: str
+    desc_spans: tuple[tuple[int, int], ...]
+    close_byte: int  # byte offset of the final top-level "}"
+    first_index: int
+    num_objects: int
+
+
+@dataclass(frozen=True)
+class TrainTarget:
+    """Y_train with its supervision. ``ce_positions`` / ``coord_targets`` index ``y_ids``."""
+
+    y_ids: tuple[int, ...]
+    prefix_len: int
+    fragment: Fragment
+    ce_positions: tuple[int, ...]
+    coord_targets: tuple[tuple[int, int, Segment], ...]  # (pos, bin, segment)
+    matched_for_supervision: int   # matched pairs whose prefix coords are supervised
+    excluded_from_supervision: int  # valid predictions without any supervision (FP + failed targets)
+    fn_appended: int
+
+    def supervision_arrays(self) -> tuple[list[int], list[int], list[int]]:
+        """Per-Y_train-token (ce_targets with -100, coord_bins with -1, segment 0 prefix / 1 tail)."""
+        n = len(self.y_ids)
+        ce, bins, seg = [-100] * n, [-1] * n, [1] * n
+        for p in self.ce_positions:
+            ce[p] = self.y_ids[p]
+        for p, b, s in self.coord_targets:
+            bins[p] = b
+            seg[p] = 0 if s == "prefix" else 1
+        return ce, bins, seg
+
+
+def build_fragment(prefix_text: str, fn_objects: Sequence[DetObject], first_index: int) -> Fragment:
+    """SerializeAppend: the text appended after the prefix (ends with the top-level "}")."""
+    last = prefix_text.rstrip()[-1:] if prefix_text.strip() else ""
+    if last == "," and not fn_objects:
+        # Cannot happen with parse_rollout (it cuts right after a "}"); closing "...,}" would be invalid JSON.
+        raise TargetError("a prefix ending in ',' needs at least one appended object")
+    if last == "}":
+        lead = ", " if fn_objects else ""
+    elif last in ("{", ","):
+        lead = ""
+    else:
+        raise TargetError(f"prefix must end with '{{', '}}' or ',' (got {prefix_text[-20:]!r})")
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = len(lead.encode())
+    for i, obj in enumerate(fn_objects):
+        if i:
+            parts.append(", ")
+            pos += 2
+        head = json.dumps(f"object_{first_index + i}") + ": " + '{"desc": '
+        desc = json.dumps(obj.desc, ensure_ascii=False)
+        value = json.dumps(object_value(obj), ensure_ascii=False, separators=SEPARATORS)
+        entry = json.dumps(f"object_{first_index + i}") + ": " + value
+        if not value.startswith('{"desc": ' + desc):
+            raise TargetError("object_value must serialise desc first")
+        start = pos + len(head.encode()) + 1  # after the opening quote
+        spans.append((start, start + len(desc.encode()) - 2))  # the characters between the quotes
+        parts.append(entry)
+        pos += len(entry.encode())
+    text = lead + "".join(parts) + "}"
+    return Fragment(text=text, desc_spans=tuple(spans), close_byte=len(text.encode()) - 1, first_index=first_index, num_objects=len(fn_objects))
+
+
+def build_train_target(
+    parsed: ParseResult,
+    gts: Sequence[DetObject],
+    match: MatchResult,
+    table: TokenTable,
+    *,
+    ot_cost: str = "l2",
+    ot_epsilon: float = 10.0,
+    ot_iters: int = 30,
+    supervise_eos: bool = True,
+    fn_ordering: str = "sorted",
+    rng: random.Random | None = None,
+) -> TrainTarget:
+    """Y_train and its supervision for one sample (SPEC §8-§10)."""
+    prefix = list(parsed.prefix_ids)
+    P = len(prefix)
+    coord_targets: list[tuple[int, int, Segment]] = []
+    failed_gt: list[int] = []
+    supervised_pairs = 0
+    all_bins = prefix_targets_batch(
+        [(parsed.objects[i].to_det_object(), gts[j]) for i, j in match.matches], ot_cost=ot_cost, ot_epsilon=ot_epsilon, ot_iters=ot_iters
+    )
+    for (pred_i, gt_j), bins in zip(match.matches, all_bins):
+        obj = parsed.objects[pred_i]
+        if len(bins) != len(obj.coord_positions) or not all(isinstance(b, int) and 0 <= b <= 999 for b in bins):
+            failed_gt.append(gt_j)  # cannot build targets: no prefix loss, the GT object is appended
+            continue
+        supervised_pairs += 1
+        coord_targets.extend((pos, b, "prefix") for pos, b in zip(obj.coord_positions, bins))
+
+    fn_idx = sorted(set(match.fn) | set(failed_gt))
+    fn_objects = order_objects([gts[j] for j in fn_idx], fn_ordering, rng)
+    first = (parsed.max_object_index or 0) + 1
+    frag = build_fragment(table.text(prefix), fn_objects, first)
+    frag_ids = table.encode(frag.text)
+    y_ids = prefix + frag_ids + [table.im_end_id]
+
+    # Tail supervision from byte spans of the fragment's tokens.
+    ce_positions: list[int] = []
+    offset = 0
+    for k, tid in enumerate(frag_ids):
+        piece = table.piece(tid)
+        s, e = offset, offset + len(piece)
+        offset = e
+        pos = P + k
+        b = table.bin_of(tid)
+        if b >= 0:
+            coord_targets.append((pos, b, "tail"))
+            continue
+        if any(s < de and e > ds for ds, de in frag.desc_spans):
+            continue  # overlaps a desc value: masked in stage 2
+        if s <= frag.close_byte < e and not supervise_eos:
+            continue
+        ce_positions.append(pos)
+    if offset != len(frag.text.encode()):
+        raise TargetError("fragment tokens do not reproduce the fragment bytes")
+    if supervise_eos:
+        ce_positions.append(len(y_ids) - 1)
+
+    for pos, b, seg in coord_targets:
+        if not 0 <= pos < len(y_ids) or table.bin_of(y_ids[pos]) < 0:
+            raise TargetError(f"coord target at {pos} ({seg}) is not a coord token of Y_train")
+        if (seg == "prefix") != (pos < P):
+            raise TargetError(f"{seg} coord target at {pos} on the wrong side of the prefix ({P})")
+    if any(not P <= p < len(y_ids) for p in ce_positions):
+        raise TargetError("CE position outside the tail")
+    return TrainTarget(
+        y_ids=tuple(y_ids), prefix_len=P, fragment=frag, ce_positions=tuple(ce_positions),
+        coord_targets=tuple(sorted(coord_targets)), matched_for_supervision=supervised_pairs,
+        excluded_from_supervision=len(parsed.objects) - supervised_pairs, fn_appended=len(fn_objects),
+    )
+
