@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_models"]
+
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer():

@@ -156,3 +156,9 @@ def test_skip_mode_counts_instead_of_dropping_silently(jsonl_dir):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_desc_is_stored_nfc(jsonl_dir):
+    p = write_lines(jsonl_dir, {**GOOD, "objects": [{"desc": "Cafe\u0301", "bbox_2d": [0, 0, 5, 5]}]})
+    recs, _ = load_jsonl(p)
+    assert recs[0].objects[0].desc == "Caf\u00e9"

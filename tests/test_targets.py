@@ -172,3 +172,12 @@ def test_prefix_plus_fragment_is_one_json_object_with_unique_keys(token_table, p
         [doc[k]["desc"] for k in keys][: len(parsed.objects)]) + sorted([doc[k]["desc"] for k in keys][len(parsed.objects):])
     assert all(0 <= p < len(tt.y_ids) for p in tt.ce_positions)
     assert tt.y_ids[: tt.prefix_len] == parsed.prefix_ids
+
+
+def test_non_nfc_desc_is_appended_in_nfc_so_tokens_round_trip(token_table):
+    import unicodedata
+
+    gts = [DetObject("\u0f73", "bbox_2d", (0, 0, 2, 2)), DetObject("Cafe\u0301", "bbox_2d", (5, 5, 9, 9))]
+    parsed, m, tt = run(token_table, "", gts)
+    doc = json.loads(token_table.text(tt.y_ids)[: -len("<|im_end|>")])
+    assert [v["desc"] for v in doc.values()] == [unicodedata.normalize("NFC", g.desc) for g in gts]

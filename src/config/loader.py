@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from src.config.schema import TRAINING_DEFAULTS, Config, TrainingConfig
+from src.config.schema import TRAINING_DEFAULTS, Config, RolloutMatchingConfig, TrainingConfig
 
 
 class ConfigError(ValueError):
@@ -351,3 +351,32 @@ def to_dict(cfg: Config) -> dict:
     d = conv(cfg)
     d["training"] = {"packing": cfg.training.packing, "effective_batch_size": cfg.training.effective_batch_size, **conv(cfg.training.args)}
     return d
+
+
+def load_rollout_matching(path: str | Path) -> RolloutMatchingConfig:
+    """Only the ``custom.extra.rollout_matching`` section of the YAML ``path`` (``extends:`` resolved).
+
+    For tools that need just the stage-2 knobs (``python -m src.replay``): a YAML holding only that
+    section works, and so does a full training config (every key outside the section is ignored). A
+    missing section means all defaults. Keys inside the section are validated like :func:`load_config`
+    (unknown key -> error naming the closest valid one). Stage-2 keys written at the top level, outside
+    the section, are an error rather than silently ignored.
+    """
+    data, _ = load_yaml_tree(path)
+    section_names = {f.name for f in dataclasses.fields(RolloutMatchingConfig)}
+    misplaced = sorted(k for k in data if k in section_names)
+    if misplaced:
+        raise ConfigError(f"{path}: {misplaced[0]}: stage-2 keys belong under custom.extra.rollout_matching")
+    section: Any = data
+    prefix = ""
+    for name in ("custom", "extra", "rollout_matching"):
+        prefix = f"{prefix}.{name}" if prefix else name
+        section = section.get(name)
+        if section is None:
+            return RolloutMatchingConfig()
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{path}: {prefix}: expected a mapping (section), got {section!r}")
+    try:
+        return build_section(RolloutMatchingConfig, section, prefix)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -52,7 +52,7 @@ class ModelConfig:
     add_coord_tokens: bool = opt(True, "Add <|coord_0|>..<|coord_999|> to a tokenizer that lacks them (embeddings resized, new rows initialised per custom.coord_tokens.init). False: a model without coord tokens is an error.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Weights dtype at load ('auto' = as saved). Use bfloat16 on GPUs together with training.bf16: true.")
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = opt(None, "Attention kernel (None = transformers' default).")
-    freeze_vision: bool = opt(False, "Freeze the vision tower (the merger/projector stays trainable).")
+    freeze_vision: bool = opt(False, "Freeze the vision tower (patch merger included).")
     min_pixels: int | None = opt(None, "Override the image processor's min_pixels.")
     max_pixels: int | None = opt(None, "Override the image processor's max_pixels (caps image tokens per image).")
     lora: LoraConfig = sub(LoraConfig, "LoRA adapters (optional).")
@@ -74,7 +74,7 @@ class ShapesDataConfig:
 
 @dataclass(frozen=True)
 class CoordTokensConfig:
-    init: Literal["mean", "normal"] = opt("mean", "Init of coord-token embedding rows when they are added: 'mean' = mean of existing rows + small noise; 'normal' = N(0, initializer_range).")
+    init: Literal["mean", "random"] = opt("mean", "Init of coord-token embedding rows when they are added: 'mean' = mean of the existing rows + Gaussian noise at 1% of their per-dimension std (seed 0); 'random' = N(0, initializer_range).")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@
   Pixels must lie inside the image (0 <= x <= width, 0 <= y <= height) and are quantized with the
   one codec (:mod:`src.data.coords`).
 * An image with zero objects is valid (its answer is ``{}``).
+* ``desc`` is stored NFC-normalised (Qwen's tokenizer normalises to NFC, so text and tokens agree).
 
 Every problem raises :class:`DataError` naming the file and the 1-based line. With
 ``on_invalid="skip"`` bad lines are skipped and counted instead (``LoadStats``), never silently.
@@ -23,6 +24,7 @@ Every problem raises :class:`DataError` naming the file and the 1-based line. Wi
 from __future__ import annotations
 
 import json
+import unicodedata
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +153,7 @@ def parse_record(obj: Any, base_dir: Path, where: str, check_image: bool = True)
         if len(geoms) != 1:
             raise _fail(owhere, f"needs exactly one geometry ('bbox_2d' or 'poly'), found {geoms or 'none'}")
         bins, px = parse_geometry(o[geoms[0]], geoms[0], width, height, coords, owhere)
+        desc = unicodedata.normalize("NFC", desc)  # the Qwen tokenizer normalises to NFC; keep text and tokens in step
         objects.append(DetObject(desc=desc, geometry=geoms[0], bins=bins))  # type: ignore[arg-type]
         pixels.append(px)
     metadata = obj.get("metadata")

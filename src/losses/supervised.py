@@ -79,23 +79,27 @@ def teacher_forced_losses(
     if bool((ce_mask & coord_mask).any()):
         raise ValueError("a position is supervised both by CE and by the coord loss")
 
-    ce_logits = logits[ce_mask].float()
-    ce_tok = F.cross_entropy(ce_logits, ce_targets[ce_mask], reduction="none")  # [n_ce]
-    ce_per_sample = _segment_mean(ce_tok, sample_idx[ce_mask], num_samples)
+    # One pass over the [N, V] logits: the full-vocab logsumexp serves both the CE (lse - logit of the
+    # target) and the coord gate; everything else touches only [N] or [N, 1000] slices.
+    lse = torch.logsumexp(logits.float(), dim=-1)  # [N]
+    ce_rows = ce_mask.nonzero(as_tuple=True)[0]
+    target_logit = logits.gather(1, ce_targets.clamp_min(0)[:, None]).squeeze(1).float()  # [N]
+    ce_tok = (lse - target_logit).index_select(0, ce_rows)  # [n_ce]
+    ce_per_sample = _segment_mean(ce_tok, sample_idx.index_select(0, ce_rows), num_samples)
 
-    c_logits = logits[coord_mask]
-    full_lse = torch.logsumexp(c_logits.float(), dim=-1)  # [n_coord]
-    z = c_logits.index_select(-1, coord_ids)  # [n_coord, 1000]
-    bins = coord_bins[coord_mask]
+    coord_rows = coord_mask.nonzero(as_tuple=True)[0]
+    z = logits.index_select(1, coord_ids).index_select(0, coord_rows)  # [n_coord, 1000]
+    full_lse = lse.index_select(0, coord_rows)  # [n_coord]
+    bins = coord_bins.index_select(0, coord_rows)
     terms = coord_loss_terms(z, full_lse, bins, sigma=target_sigma, truncate=target_truncate, temperature=temperature)
     coord_tok = weighted_coord_loss(terms, soft_ce_weight, w1_weight, gate_weight)  # [n_coord]
-    coord_per_sample = _segment_mean(coord_tok, sample_idx[coord_mask], num_samples)
+    coord_per_sample = _segment_mean(coord_tok, sample_idx.index_select(0, coord_rows), num_samples)
 
     loss = (ce_weight * ce_per_sample + coord_weight * coord_per_sample).sum() / max(num_samples, 1)
     if not ce_tok.numel() and not coord_tok.numel():
         loss = loss + logits.sum() * 0.0  # keep the graph connected (DDP) with an exact zero
 
-    seg = coord_segment[coord_mask]
+    seg = coord_segment.index_select(0, coord_rows)
     diag = coord_diagnostics(z, full_lse, bins)
     with torch.no_grad():
         f = lambda t: t.detach().float().sum()  # noqa: E731

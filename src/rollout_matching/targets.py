@@ -19,6 +19,7 @@ length. Nothing here imports transformers.
 from __future__ import annotations
 
 import json
+import unicodedata
 import random
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -89,6 +90,9 @@ def build_fragment(prefix_text: str, fn_objects: Sequence[DetObject], first_inde
     spans: list[tuple[int, int]] = []
     pos = len(lead.encode())
     for i, obj in enumerate(fn_objects):
+        # Qwen's tokenizer NFC-normalises text; serialise the normalised desc so the fragment's tokens
+        # reproduce its bytes exactly (the data loader already stores desc in NFC).
+        obj = DetObject(unicodedata.normalize("NFC", obj.desc), obj.geometry, obj.bins)
         if i:
             parts.append(", ")
             pos += 2

@@ -1,0 +1,182 @@
+"""Launch a training run from YAML.
+
+    python -m src.sft --config configs/demo/stage1_shapes.yaml [--base_config base.yaml]
+    torchrun --nproc_per_node 4 -m src.sft --config configs/rollout_matching_sft_template.yaml
+
+Reads top to bottom: validate config -> prepare data/model if the config asks -> load records ->
+load model + processor -> build the trainer variant -> train -> save a loadable run directory.
+Bad input (config, data, model dir) ends with ONE line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from src.config.loader import ConfigError, gradient_accumulation_for, load_config, to_dict
+from src.config.schema import Config
+from src.data.contract import DataError, load_jsonl
+
+EXIT_BAD_INPUT = 2
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (1 process when absent)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def wait_for(path: Path, what: str, timeout_s: float = 1800.0) -> None:
+    """Non-zero local ranks wait until local rank 0 has produced ``path`` (written atomically)."""
+    t0 = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for local rank 0 to create {what} at {path}")
+        time.sleep(0.5)
+
+
+def prepare_assets(cfg: Config) -> None:
+    """Build the tiny model / synthetic data when the config asks for them and they are absent."""
+    _, local_rank, _ = dist_env()
+    model_dir = Path(cfg.model.model_name_or_path)
+    if cfg.model.build_tiny is not None and not (model_dir / "config.json").exists():
+        if local_rank == 0:
+            from src.models.build_tiny import build_tiny_model_dir
+
+            b = cfg.model.build_tiny
+            print(f"[setup] building tiny {b.arch} model ({b.preset} preset, seed {b.seed}) at {model_dir}", flush=True)
+            build_tiny_model_dir(model_dir, arch=b.arch, seed=b.seed, preset=b.preset)
+        else:
+            wait_for(model_dir / "config.json", "the tiny model")
+    train = Path(cfg.custom.train_jsonl)
+    sd = cfg.custom.shapes_data
+    if sd is not None and not (train.exists() and Path(cfg.custom.val_jsonl).exists()):
+        if local_rank == 0:
+            from src.data.make_shapes import make_shapes
+
+            print(f"[setup] generating shapes data ({sd.num_train} train / {sd.num_val} val) in {train.parent}", flush=True)
+            make_shapes(train.parent, num_train=sd.num_train, num_val=sd.num_val, seed=sd.seed, image_size=sd.image_size,
+                        min_shapes=sd.min_shapes, max_shapes=sd.max_shapes, kinds=tuple(sd.kinds), verbose=True)
+        else:
+            wait_for(Path(cfg.custom.val_jsonl), "the shapes data")
+
+
+def training_arguments(cfg: Config):
+    """``transformers.TrainingArguments`` from ``training.*`` (+ effective batch size, gloo on CPU DDP)."""
+    import torch
+    from transformers import TrainingArguments
+
+    _, _, world_size = dist_env()
+    args = dict(cfg.training.args)
+    args["gradient_accumulation_steps"] = gradient_accumulation_for(cfg, world_size)
+    if world_size > 1 and not torch.cuda.is_available() and "ddp_backend" not in args:
+        args["ddp_backend"] = "gloo"  # CPU multi-process; setting it in a 1-process run errors
+    if args.get("report_to") == ["tensorboard"]:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            args["report_to"] = "none"
+    try:
+        return TrainingArguments(**args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
+
+
+def load_records(cfg: Config):
+    c = cfg.custom
+    train, tstats = load_jsonl(c.train_jsonl, on_invalid=c.on_invalid_record, limit=c.max_train_samples)
+    if not train:
+        raise DataError(f"{c.train_jsonl}: no usable records")
+    val = []
+    if c.val_jsonl:
+        val, _ = load_jsonl(c.val_jsonl, on_invalid=c.on_invalid_record, limit=c.max_val_samples)
+    if tstats.skipped:
+        print(f"[data] skipped {tstats.skipped} invalid line(s) of {c.train_jsonl} (custom.on_invalid_record: skip); first: {tstats.skip_reasons[0]}", flush=True)
+    return train, val
+
+
+def build_trainer(cfg: Config):
+    """Everything up to (not including) ``trainer.train()``. Returns the trainer."""
+    from src.models.loading import load_model_and_processor
+    from src.trainers.data import RecordDataset
+    from src.trainers.registry import get_trainer_class
+
+    trainer_cls = get_trainer_class(cfg.custom.trainer_variant)
+    targs = training_arguments(cfg)  # validated before any model loads
+    prepare_assets(cfg)
+    train, val = load_records(cfg)
+    m = cfg.model
+    model, processor = load_model_and_processor(
+        m.model_name_or_path, add_coord_tokens=m.add_coord_tokens, dtype=m.dtype, attn_implementation=m.attn_implementation,
+        freeze_vision=m.freeze_vision, lora=m.lora if m.lora.enabled else None, coord_init=cfg.custom.coord_tokens.init,
+        min_pixels=m.min_pixels, max_pixels=m.max_pixels,
+    )
+    return trainer_cls(
+        model=model, args=targs, train_dataset=RecordDataset(train), eval_dataset=RecordDataset(val) if val else None,
+        data_collator=trainer_cls.make_collator(processor, cfg, targs.seed), run_config=cfg, processor=processor,
+    )
+
+
+def write_run_files(cfg: Config, output_dir: Path) -> None:
+    import yaml
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "resolved_config.yaml", "w", encoding="utf-8") as f:
+        f.write(f"# resolved from: {', '.join(cfg.sources)}\n")
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+
+
+def run(cfg: Config) -> dict:
+    """Train per ``cfg``; returns a summary dict (also written to ``output_dir/summary.json``)."""
+    t0 = time.time()
+    trainer = build_trainer(cfg)
+    out = Path(trainer.args.output_dir)
+    if trainer.is_world_process_zero():
+        write_run_files(cfg, out)
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model()  # model + processor (processing_class): the directory is itself loadable
+    trainer.save_state()  # trainer_state.json with log_history
+    summary = {"train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1), "global_step": trainer.state.global_step}
+    if trainer.eval_dataset is not None:
+        summary.update({k: round(v, 4) for k, v in trainer.evaluate().items()})
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses:
+        summary.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+    summary["wall_s"] = round(time.time() - t0, 1)
+    if trainer.is_world_process_zero():
+        trainer.save_state()  # again, so log_history holds the final evaluation
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"[done] {cfg.custom.trainer_variant} -> {out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m src.sft", description="Train a Qwen-VL detector (stage 1 SFT or stage 2 rollout-matching SFT) from YAML.")
+    ap.add_argument("--config", required=True, help="YAML config (may use extends:)")
+    ap.add_argument("--base_config", default=None, help="YAML merged under --config")
+    ap.add_argument("--print_config", action="store_true", help="validate, print the resolved config and exit (loads no model)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.base_config)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+            return 0
+        run(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # model-loading errors carry their own one-line message
+        if type(e).__name__ == "ModelLoadError":
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Trainer variants (transformers.Trainer subclasses) and their glue: encoding, collators, rollouts, metrics."""

@@ -1,0 +1,155 @@
+"""Shared Trainer glue: the selective-logits teacher-forced forward, per-step metrics reduced across
+ranks, and rollout evaluation (precision / recall / F1 of greedy rollouts on the val set)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+
+from src.config.schema import Config
+from src.data.prompt import prompt_text
+from src.losses.supervised import LossOutput, teacher_forced_losses
+from src.rollout_matching.tokens import token_table
+from src.trainers.encoding import MODEL_INPUT_KEYS, encode_prompt, load_image
+from src.trainers.metrics import StepMetrics, ratio
+from src.trainers.rollout import DecodeSettings, HFRolloutBackend
+
+LOSS_SUM_KEYS = (
+    "ce_sum", "ce_count", "coord_sum", "coord_count", "coord_prefix_sum", "coord_prefix_count",
+    "coord_tail_sum", "coord_tail_count", "coord_soft_ce_sum", "coord_w1_sum", "coord_gate_sum",
+    "coord_mass_sum", "coord_top1_sum", "coord_abs_err_sum",
+)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class DetectionTrainer(Trainer):
+    """Base for both variants. ``compute_loss`` returns a per-sample-mean loss (see
+    :mod:`src.losses.supervised`); the Trainer divides it by the accumulation steps."""
+
+    loss_is_scaled_for_ga = False
+    extra_metric_keys: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, run_config: Config, processor, **kwargs: Any):
+        super().__init__(*args, processing_class=processor, **kwargs)
+        self.run_config = run_config
+        self.processor = processor
+        self.table = token_table(processor.tokenizer)
+        self._coord_ids = torch.as_tensor(self.table.coord_ids, dtype=torch.long)
+        self.step_metrics = StepMetrics((*LOSS_SUM_KEYS, "samples", *self.extra_metric_keys))
+        rm = run_config.rollout_matching
+        self.rollout_backend = HFRolloutBackend(
+            DecodeSettings.from_config(rm), eos_id=self.table.im_end_id, pad_id=processor.tokenizer.pad_token_id,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        )
+
+    # ------------------------------------------------------------------------- teacher-forced pass
+
+    def supervised_forward(self, model, batch: dict) -> LossOutput:
+        """ONE forward on the teacher-forced batch; logits only at supervised positions."""
+        mask = batch["supervised_mask"]
+        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS}
+        out = model(**inputs, logits_to_keep=mask, use_cache=False)
+        logits = out.logits  # [N, V], rows in row-major (b, t) order of mask
+        if logits.dim() != 2 or logits.shape[0] != int(mask.sum()):
+            raise RuntimeError(f"selective logits returned shape {tuple(logits.shape)}; expected [{int(mask.sum())}, V]")
+        sample_idx = mask.nonzero(as_tuple=True)[0]
+        c = self.run_config.custom.coord_soft_ce_w1
+        rm = self.run_config.rollout_matching
+        stage2 = self.run_config.custom.trainer_variant == "rollout_matching_sft"
+        return teacher_forced_losses(
+            logits, batch["ce_targets"][mask], batch["coord_bins"][mask], batch["coord_segment"][mask],
+            sample_idx, mask.shape[0], self._coord_ids.to(logits.device),
+            ce_weight=rm.ce_weight if stage2 else 1.0, coord_weight=rm.coord_weight if stage2 else 1.0,
+            soft_ce_weight=c.soft_ce_weight, w1_weight=c.w1_weight, gate_weight=c.gate_weight,
+            target_sigma=c.target_sigma, target_truncate=c.target_truncate, temperature=c.temperature,
+        )
+
+    def record_losses(self, out: LossOutput, num_samples: int) -> None:
+        if self.model.training:
+            self.step_metrics.add_many(out.sums)
+            self.step_metrics.add("samples", num_samples)
+
+    # ------------------------------------------------------------------------------------ logging
+
+    def derive_metrics(self, s: dict[str, float]) -> dict[str, float]:
+        return {
+            "loss/ce": ratio(s["ce_sum"], s["ce_count"]),
+            "loss/coord": ratio(s["coord_sum"], s["coord_count"]),
+            "loss/coord_prefix": ratio(s["coord_prefix_sum"], s["coord_prefix_count"]),
+            "loss/coord_tail": ratio(s["coord_tail_sum"], s["coord_tail_count"]),
+            "loss/coord_soft_ce": ratio(s["coord_soft_ce_sum"], s["coord_count"]),
+            "loss/coord_w1": ratio(s["coord_w1_sum"], s["coord_count"]),
+            "loss/coord_gate": ratio(s["coord_gate_sum"], s["coord_count"]),
+            "coord/vocab_mass": ratio(s["coord_mass_sum"], s["coord_count"]),
+            "coord/top1_acc": ratio(s["coord_top1_sum"], s["coord_count"]),
+            "coord/abs_err_bins": ratio(s["coord_abs_err_sum"], s["coord_count"]),
+            "tokens/ce": s["ce_count"],
+            "tokens/coord": s["coord_count"],
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Train logs (they carry "loss") get our window metrics, reduced across ranks once. Every rank
+        # reaches this call at the same step, so the collective is issued in the same order everywhere.
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            logs = {**logs, **self.derive_metrics(self.step_metrics.reduce(self.args.device))}
+        super().log(logs, start_time)
+
+    # --------------------------------------------------------------------------- rollout evaluation
+
+    def rollout_model(self, model=None):
+        return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    def synced_gpus(self) -> bool:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled) and world()[1] > 1
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Greedy-style rollouts (the configured decoding) on the val set; reports
+        ``{prefix}_rollout_precision/recall/f1`` (matched / predicted, matched / GT) and parse health."""
+        from src.rollout_matching.parser import parse_rollout
+        from src.rollout_matching.stats import DetectionCounts, count_matches, match_kwargs
+
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("evaluate() needs an eval dataset (custom.val_jsonl)")
+        rank, world_size = world()
+        n = len(ds)
+        shard = list(range(rank, n, world_size))
+        per_rank = math.ceil(n / world_size)
+        bs = self.rollout_backend.settings.decode_batch_size
+        model = self.rollout_model()
+        rm = self.run_config.rollout_matching
+        counts = DetectionCounts()
+        t0 = time.perf_counter()
+        for start in range(0, per_rank, bs):
+            idx = shard[start : start + bs]
+            real = len(idx)
+            if real == 0:  # keep the number of generate calls equal on every rank (ZeRO-3 / FSDP)
+                idx = [0]
+            records = [ds[i]["record"] for i in idx]
+            prompt = prompt_text(self.processor)
+            prompts = [encode_prompt(self.processor, load_image(r.image, r.source), prompt) for r in records]
+            rollouts = self.rollout_backend.generate(model, prompts, synced_gpus=self.synced_gpus())
+            for rec, ro in list(zip(records, rollouts))[:real]:
+                parsed = parse_rollout(ro.response_ids, self.table)
+                counts.add(count_matches(parsed, rec.objects, match_kwargs(rm), hit_cap=ro.hit_max_new_tokens))
+        totals = torch.tensor(counts.as_list(), dtype=torch.float64)
+        if world_size > 1:
+            totals = totals.to(self.args.device)
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        metrics = DetectionCounts.from_list(totals.cpu().tolist()).metrics(prefix=f"{metric_key_prefix}_")
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - t0, 3)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

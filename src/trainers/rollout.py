@@ -1,0 +1,133 @@
+"""Rollout generation behind a small interface (SPEC §11), so a vLLM backend can be added later
+without touching the trainer.
+
+``HFRolloutBackend`` runs batched ``generate`` over left-padded prompts (``decode_batch_size`` per
+call), without grad, KV cache on, on the unwrapped model in eval mode with gradient checkpointing off
+— restored in ``finally``. The GenerationConfig is complete and explicit: nothing is inherited from
+the checkpoint's ``generation_config.json`` (since transformers v5, unset fields would be).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from src.trainers.encoding import PromptEncoding, left_padded_prompts
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    decode_mode: str = "greedy"
+    max_new_tokens: int = 1024
+    num_beams: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    decode_batch_size: int = 8
+
+    @classmethod
+    def from_config(cls, rm) -> "DecodeSettings":
+        """From a :class:`src.config.schema.RolloutMatchingConfig`."""
+        return cls(**{k: getattr(rm, k) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Rollout:
+    """One generated answer. ``response_ids`` start right after the prompt and end at (and include)
+    the first ``<|im_end|>`` when there is one; padding is removed."""
+
+    prompt: PromptEncoding
+    response_ids: list[int]
+    hit_max_new_tokens: bool
+    stopped_by_guard: bool = False
+
+
+class RolloutBackend(Protocol):
+    def generate(self, model, prompts: Sequence[PromptEncoding]) -> list[Rollout]: ...
+
+
+def build_generation_config(s: DecodeSettings, eos_id: int, pad_id: int):
+    from transformers import GenerationConfig
+
+    sample = s.decode_mode == "sample"
+    return GenerationConfig(
+        max_new_tokens=s.max_new_tokens,
+        do_sample=sample,
+        num_beams=s.num_beams if s.decode_mode == "beam" else 1,
+        num_return_sequences=1,  # beam: the best beam only
+        temperature=s.temperature if sample else 1.0,
+        top_p=s.top_p if sample else 1.0,
+        top_k=(s.top_k or None) if sample else None,
+        repetition_penalty=s.repetition_penalty,
+        eos_token_id=[eos_id, pad_id],  # <|im_end|> ends the turn; <|endoftext|> too (as in Qwen's own config)
+        pad_token_id=pad_id,
+        use_cache=True,
+        length_penalty=1.0,
+        early_stopping=True if s.decode_mode == "beam" else False,
+        no_repeat_ngram_size=0,
+    )
+
+
+@contextlib.contextmanager
+def generation_mode(model, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
+    """Eval mode, gradient checkpointing off, no grad — restored on exit even when generate raises."""
+    was_training = model.training
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    had_gc = bool(getattr(model, flag, False))
+    if had_gc:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if had_gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model.train(was_training)
+
+
+class HFRolloutBackend:
+    """Batched Hugging Face ``generate``."""
+
+    def __init__(self, settings: DecodeSettings, eos_id: int, pad_id: int,
+                 stopping_criteria_factory: Callable[[], list] | None = None,
+                 gradient_checkpointing_kwargs: dict | None = None):
+        self.settings = settings
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.generation_config = build_generation_config(settings, eos_id, pad_id)
+        self.stopping_criteria_factory = stopping_criteria_factory
+        self.gc_kwargs = gradient_checkpointing_kwargs
+        self.last_stats: dict[str, float] = {}
+
+    def generate(self, model, prompts: Sequence[PromptEncoding], synced_gpus: bool = False) -> list[Rollout]:
+        out: list[Rollout] = []
+        device = next(model.parameters()).device
+        t0 = time.perf_counter()
+        with generation_mode(model, self.gc_kwargs):
+            bs = self.settings.decode_batch_size
+            for i in range(0, len(prompts), bs):
+                chunk = prompts[i : i + bs]
+                batch = left_padded_prompts(chunk, self.pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+                criteria = self.stopping_criteria_factory() if self.stopping_criteria_factory else None
+                kwargs = {"stopping_criteria": criteria} if criteria else {}
+                seqs = model.generate(**batch, generation_config=self.generation_config, synced_gpus=synced_gpus, **kwargs)
+                L = batch["input_ids"].shape[1]
+                guard_hits = getattr(criteria[0], "stopped_rows", set()) if criteria else set()
+                for b, p in enumerate(chunk):
+                    resp = seqs[b, L:].tolist()
+                    # Cut at <|im_end|> (kept: the parser's hard stop) or at <|endoftext|> (dropped): the
+                    # model's own end token, or the padding that follows a row that stopped early.
+                    stop = next((k for k, t in enumerate(resp) if t in (self.eos_id, self.pad_id)), None)
+                    if stop is not None:
+                        resp = resp[: stop + 1] if resp[stop] == self.eos_id else resp[:stop]
+                    hit_cap = stop is None and len(resp) >= self.settings.max_new_tokens
+                    out.append(Rollout(prompt=p, response_ids=resp, hit_max_new_tokens=hit_cap, stopped_by_guard=b in guard_hits))
+        self.last_stats = {"seconds": time.perf_counter() - t0, "new_tokens": float(sum(len(r.response_ids) for r in out))}
+        return out

@@ -1,0 +1,234 @@
+"""Stage 2 (``custom.trainer_variant: rollout_matching_sft``): train on the model's own rollouts.
+
+Per micro-batch, in ONE ``compute_loss`` (SPEC §1, §10-§13):
+
+    rollout (no grad, batched generate) -> parse (strict, token-aligned) -> match (maskIoU, gating,
+    dummies) -> targets (OT for the prefix, SerializeAppend for FN) ->
+    ONE teacher-forced forward on prompt + Y_train -> masked CE + coord losses
+
+Everything between the rollout and the forward is pure code in :mod:`src.rollout_matching`; this file
+is the glue, in pipeline order.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from src.config.loader import ConfigError
+from src.data.contract import Record
+from src.rollout_matching.matcher import match_objects
+from src.rollout_matching.parser import ParseResult, parse_rollout
+from src.rollout_matching.stats import match_kwargs
+from src.rollout_matching.targets import TrainTarget, build_train_target
+from src.trainers.base import DetectionTrainer
+from src.trainers.encoding import PromptEncoding, SupervisedSequence, encode_prompt, load_image, right_padded_teacher_forced
+from src.trainers.metrics import ratio
+from src.trainers.registry import register
+from src.trainers.rollout import Rollout
+
+# Summed over the micro-batches of a logging window and over ranks (SPEC §13 names first).
+ROLLOUT_SUM_KEYS = (
+    "rollout/parse_dropped_invalid", "rollout/parse_truncated", "rollout/valid_pred_objects",
+    "rollout/matched_for_supervision", "rollout/excluded_from_supervision", "rollout/fn_appended",
+    "rollout/gating_rejections", "rollout/gt_objects",
+    "rollout/samples", "rollout/parse_malformed", "rollout/parse_fallback", "rollout/cut_backoffs",
+    "rollout/new_tokens", "rollout/hit_max_new_tokens", "rollout/repeat_guard_stops",
+    "time/rollout_s", "time/targets_s", "time/forward_backward_s",
+)
+
+
+class PromptMismatchError(RuntimeError):
+    """The teacher-forced prompt differs from the rollout's prompt (a bug; never train on it)."""
+
+
+class SupervisionSpanError(RuntimeError):
+    """A supervised position fell outside the assistant span (a bug; never train on it)."""
+
+
+class RolloutCollator:
+    """Keeps the raw records (the trainer rolls out itself) and encodes each prompt once (in the
+    dataloader), so the rollout and the teacher-forced forward use the very same prompt tensors."""
+
+    def __init__(self, processor):
+        from src.data.prompt import prompt_text
+
+        self.processor = processor
+        self.prompt = prompt_text(processor)
+
+    def __call__(self, items: list[dict]) -> dict:
+        records = [it["record"] for it in items]
+        prompts = [encode_prompt(self.processor, load_image(r.image, r.source), self.prompt) for r in records]
+        return {"records": records, "prompts": prompts}
+
+
+def check_prompt_alignment(batch: dict[str, torch.Tensor], prompts: Sequence[PromptEncoding]) -> None:
+    """The forward's prompt ids must equal the rollout's (length + hash); raise otherwise."""
+    start = batch["assistant_start"]
+    for b, p in enumerate(prompts):
+        n = int(start[b])
+        if n != p.input_ids.numel():
+            raise PromptMismatchError(f"sample {b}: teacher-forced prompt has {n} tokens, the rollout's has {p.input_ids.numel()}")
+        got = PromptEncoding(batch["input_ids"][b, :n].cpu(), p.mm_token_type_ids, p.pixel_values, p.image_grid_thw)
+        if got.digest() != p.digest():
+            raise PromptMismatchError(f"sample {b}: teacher-forced prompt ids differ from the rollout prompt (hash {got.digest()[:12]} != {p.digest()[:12]})")
+
+
+def check_supervision_span(batch: dict[str, torch.Tensor], y_lengths: Sequence[int]) -> None:
+    """Every supervised logit position t (predicting token t+1) lies in [start-1, start-1+len(Y_train))."""
+    mask = batch["supervised_mask"]
+    for b, n in enumerate(y_lengths):
+        lo = int(batch["assistant_start"][b]) - 1
+        pos = mask[b].nonzero(as_tuple=True)[0]
+        if pos.numel() and (int(pos.min()) < lo or int(pos.max()) >= lo + n):
+            raise SupervisionSpanError(f"sample {b}: supervised positions {int(pos.min())}..{int(pos.max())} outside the assistant span [{lo}, {lo + n})")
+
+
+@register("rollout_matching_sft")
+class RolloutMatchingSFTTrainer(DetectionTrainer):
+    extra_metric_keys = ROLLOUT_SUM_KEYS
+
+    @staticmethod
+    def make_collator(processor, cfg, seed: int):
+        return RolloutCollator(processor)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.run_config.training.packing:
+            raise ConfigError("training.packing: true is not supported with custom.trainer_variant: rollout_matching_sft; set training.packing: false")
+        self._rng = random.Random(self.args.seed)
+        self._samples_for_log: list[dict] = []
+        self._pipeline_s = 0.0
+
+    # ----------------------------------------------------------------------------- the pipeline
+
+    def build_targets(self, records: Sequence[Record], rollouts: Sequence[Rollout]) -> list[tuple[ParseResult, Any, TrainTarget]]:
+        """Parse -> match -> targets for each sample (pure code, no model)."""
+        rm = self.run_config.rollout_matching
+        mk = match_kwargs(rm)
+        out = []
+        for rec, ro in zip(records, rollouts):
+            parsed = parse_rollout(ro.response_ids, self.table)
+            match = match_objects([o.to_det_object() for o in parsed.objects], rec.objects, **mk)
+            target = build_train_target(
+                parsed, rec.objects, match, self.table, ot_cost=rm.ot_cost, ot_epsilon=rm.ot_epsilon, ot_iters=rm.ot_iters,
+                supervise_eos=rm.supervise_eos, fn_ordering=self.run_config.custom.object_ordering, rng=self._rng,
+            )
+            out.append((parsed, match, target))
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        records: list[Record] = inputs["records"]
+        prompts: list[PromptEncoding] = inputs["prompts"]
+
+        t0 = time.perf_counter()
+        rollouts = self.rollout_backend.generate(self.rollout_model(model), prompts, synced_gpus=self.synced_gpus())
+        t1 = time.perf_counter()
+        built = self.build_targets(records, rollouts)
+        seqs = []
+        for ro, (_, _, tgt) in zip(rollouts, built):
+            ce, bins, seg = tgt.supervision_arrays()
+            seqs.append(SupervisedSequence(prompt=ro.prompt, assistant_ids=list(tgt.y_ids), ce_targets=ce, coord_bins=bins, coord_segment=seg))
+        batch = right_padded_teacher_forced(seqs, self.processor.tokenizer.pad_token_id)
+        check_prompt_alignment(batch, [ro.prompt for ro in rollouts])
+        check_supervision_span(batch, [len(t.y_ids) for _, _, t in built])
+        t2 = time.perf_counter()
+        self._pipeline_s = t2 - t0
+
+        batch = self._prepare_inputs(batch)
+        batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+        out = self.supervised_forward(model, batch)  # the ONE teacher-forced forward
+
+        if model.training:
+            self.record_losses(out, len(records))
+            self._record_rollout_counters(records, rollouts, built, rollout_s=t1 - t0, targets_s=t2 - t1)
+            self._keep_samples(records, rollouts, built)
+        return (out.loss, None) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        t0 = time.perf_counter()
+        self._pipeline_s = 0.0
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # forward + backward (+ input moves) = the whole micro-step minus rollout and target building
+        self.step_metrics.add("time/forward_backward_s", max(time.perf_counter() - t0 - self._pipeline_s, 0.0))
+        return loss
+
+    # ---------------------------------------------------------------------------------- counters
+
+    def _record_rollout_counters(self, records, rollouts, built, rollout_s: float, targets_s: float) -> None:
+        m = self.step_metrics
+        for rec, ro, (parsed, match, tgt) in zip(records, rollouts, built):
+            m.add_many({
+                "rollout/parse_dropped_invalid": parsed.dropped_invalid,
+                "rollout/parse_truncated": float(parsed.truncated),
+                "rollout/parse_malformed": float(parsed.malformed),
+                "rollout/parse_fallback": float(parsed.fallback),
+                "rollout/cut_backoffs": parsed.cut_backoffs,
+                "rollout/valid_pred_objects": len(parsed.objects),
+                "rollout/matched_for_supervision": tgt.matched_for_supervision,
+                "rollout/excluded_from_supervision": tgt.excluded_from_supervision,
+                "rollout/fn_appended": tgt.fn_appended,
+                "rollout/gating_rejections": match.gating_rejections,
+                "rollout/gt_objects": len(rec.objects),
+                "rollout/samples": 1,
+                "rollout/new_tokens": len(ro.response_ids),
+                "rollout/hit_max_new_tokens": float(ro.hit_max_new_tokens),
+                "rollout/repeat_guard_stops": float(ro.stopped_by_guard),
+            })
+        m.add("time/rollout_s", rollout_s)
+        m.add("time/targets_s", targets_s)
+
+    def derive_metrics(self, s: dict[str, float]) -> dict[str, float]:
+        out = super().derive_metrics(s)
+        n = s["rollout/samples"]
+        out.update({k: s[k] for k in ROLLOUT_SUM_KEYS[:8]})
+        out.update({
+            "rollout/match_rate": ratio(s["rollout/matched_for_supervision"], s["rollout/gt_objects"]),
+            "rollout/samples": n,
+            "rollout/parse_malformed": s["rollout/parse_malformed"],
+            "rollout/parse_fallback": s["rollout/parse_fallback"],
+            "rollout/cut_backoffs": s["rollout/cut_backoffs"],
+            "rollout/new_tokens_mean": ratio(s["rollout/new_tokens"], n),
+            "rollout/hit_max_new_tokens": s["rollout/hit_max_new_tokens"],
+            "rollout/repeat_guard_stops": s["rollout/repeat_guard_stops"],
+            "time/rollout_ms_per_sample": 1000 * ratio(s["time/rollout_s"], n),
+            "time/targets_ms_per_sample": 1000 * ratio(s["time/targets_s"], n),
+            "time/forward_backward_ms_per_sample": 1000 * ratio(s["time/forward_backward_s"], n),
+        })
+        return out
+
+    # --------------------------------------------------------------------------- rollout samples
+
+    def _keep_samples(self, records, rollouts, built) -> None:
+        k = self.run_config.rollout_matching.log_rollout_samples
+        if k <= 0 or len(self._samples_for_log) >= k:
+            return
+        for rec, ro, (parsed, match, tgt) in zip(records, rollouts, built):
+            if len(self._samples_for_log) >= k:
+                break
+            self._samples_for_log.append({
+                "image": str(rec.image), "source": rec.source,
+                "raw_rollout": self.table.text(ro.response_ids),
+                "hit_max_new_tokens": ro.hit_max_new_tokens,
+                "truncated": parsed.truncated, "malformed": parsed.malformed, "dropped_invalid": parsed.dropped_invalid,
+                "valid_objects": [{"key": o.key, "desc": o.desc, "geometry": o.geometry, "bins": list(o.bins)} for o in parsed.objects],
+                "gt_objects": len(rec.objects), "matches": [list(p) for p in match.matches], "fp": list(match.fp),
+                "fn_appended": tgt.fn_appended, "y_train": self.table.text(tgt.y_ids),
+            })
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_train_log = "loss" in logs and not any(k.startswith("eval_") for k in logs)
+        super().log(logs, start_time)
+        if is_train_log and self._samples_for_log:
+            if self.is_world_process_zero():
+                path = Path(self.args.output_dir) / "rollouts.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:
+                    for s in self._samples_for_log:
+                        f.write(json.dumps({"step": self.state.global_step, "decode_mode": self.run_config.rollout_matching.decode_mode, **s}, ensure_ascii=False) + "\n")
+            self._samples_for_log = []
