@@ -59,19 +59,22 @@ from typing import Any, Sequence
 
 from src.config.loader import ConfigError, load_rollout_matching
 from src.config.schema import RolloutMatchingConfig
-from src.data.contract import DataError, iter_jsonl, parse_geometry
-from src.data.objects import GEOMETRIES, DetObject
+from src.data.contract import DataError, iter_jsonl, parse_record
+from src.data.objects import DetObject
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.ot import prefix_targets_batch
 from src.rollout_matching.parser import parse_rollout, prefix_text
 from src.rollout_matching.stats import match_kwargs
-from src.rollout_matching.targets import TargetError, build_train_target
+from src.rollout_matching.targets import build_train_target
 from src.rollout_matching.tokens import TokenTable, token_table
 
 FN_ORDERING = "sorted"
 TIMINGS = ("parse", "match", "targets")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-OBJECT_KEYS = {"desc", *GEOMETRIES}
+COUNTERS = (  # SPEC §13 names, without the "rollout/" prefix
+    "parse_dropped_invalid", "parse_truncated", "valid_pred_objects", "matched_for_supervision",
+    "excluded_from_supervision", "fn_appended", "gating_rejections", "gt_objects",
+)
 
 
 class ReplayError(ValueError):
@@ -147,26 +150,13 @@ def read_rollout(obj: Any, table: TokenTable, where: str) -> Rollout:
 
 
 def read_objects(objects: Any, where: str) -> tuple[DetObject, ...]:
-    """GT objects of one line in the data contract (SPEC §2) with coordinates in bins."""
+    """GT objects of one line in the data contract (SPEC §2) with coordinates in bins, in input order."""
     if not isinstance(objects, list):
         raise DataError(f"{where}: needs an \"objects\" list of GT objects in bins (use [] for none), got {objects!r}")
-    out = []
-    for j, o in enumerate(objects):
-        owhere = f"{where}: objects[{j}]"
-        if not isinstance(o, dict):
-            raise DataError(f"{owhere}: each object must be a JSON object")
-        unknown = set(o) - OBJECT_KEYS
-        if unknown:
-            raise DataError(f"{owhere}: unknown object key(s) {sorted(unknown)}; an object has 'desc' and one of 'bbox_2d' / 'poly'")
-        desc = o.get("desc")
-        if not isinstance(desc, str) or not desc.strip():
-            raise DataError(f"{owhere}: 'desc' must be a non-empty string")
-        geoms = [g for g in GEOMETRIES if g in o]
-        if len(geoms) != 1:
-            raise DataError(f"{owhere}: needs exactly one geometry ('bbox_2d' or 'poly'), found {geoms or 'none'}")
-        bins, _ = parse_geometry(o[geoms[0]], geoms[0], 1000, 1000, coords="bins", where=owhere)
-        out.append(DetObject(desc=desc, geometry=geoms[0], bins=bins))  # type: ignore[arg-type]
-    return tuple(out)
+    # The object rules (desc, exactly one geometry, bins, NFC desc) live in parse_record: validate through
+    # it as a "coords": "bins" record; its image and size are placeholders, unused in bins mode.
+    record = {"images": ["-"], "width": 1000, "height": 1000, "coords": "bins", "objects": objects}
+    return parse_record(record, Path("."), where, check_image=False).objects
 
 
 def check_knobs(rm: RolloutMatchingConfig, source: str) -> None:
@@ -194,13 +184,7 @@ def replay_rollout(response_ids: Sequence[int], gts: Sequence[DetObject], table:
     )
     t3 = time.perf_counter()
 
-    # A matched pair is supervised iff its prediction's coord tokens got prefix targets; the GT of the
-    # others is appended (build_train_target's rule), so fn = matcher FN + those GT.
-    supervised_positions = {pos for pos, _, seg in target.coord_targets if seg == "prefix"}
-    failed_gt = {j for i, j in match.matches if parsed.objects[i].coord_positions[0] not in supervised_positions}
-    fn = sorted(set(match.fn) | failed_gt)
-    if len(fn) != target.fn_appended:
-        raise TargetError(f"replay found {len(fn)} appended GT, build_train_target appended {target.fn_appended}")
+    fn = sorted(target.fn_gt)  # the matcher's FN plus matched GT whose targets could not be built
     return {
         "truncated": parsed.truncated,
         "malformed": parsed.malformed,
@@ -234,9 +218,7 @@ class Totals:
     """SPEC §13 counters summed over replayed rollouts, plus mean timings."""
 
     samples: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("parse_dropped_invalid", "parse_truncated", "valid_pred_objects", "matched_for_supervision",
-         "excluded_from_supervision", "fn_appended", "gating_rejections", "gt_objects"), 0))
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMINGS, 0.0))
 
     def add(self, record: dict[str, Any], num_gts: int) -> None:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from src.data.objects import DetObject
 from src.data.serialize import serialize_entry, serialize_objects
-from src.rollout_matching.matcher import MatchResult, match_objects
-from src.rollout_matching.parser import parse_rollout, prefix_text
+from src.rollout_matching.matcher import match_objects
+from src.rollout_matching.parser import parse_rollout
 from src.rollout_matching.targets import TargetError, build_fragment, build_train_target
 
 GT = [

@@ -39,15 +39,20 @@ def serialize_objects(objects: Sequence[DetObject], start_index: int = 1) -> str
     return "{" + ", ".join(serialize_entry(start_index + i, o) for i, o in enumerate(objects)) + "}"
 
 
-def order_objects(objects: Sequence[DetObject], ordering: str = "sorted", rng: random.Random | None = None) -> list[DetObject]:
-    """``sorted``: top-to-bottom then left-to-right by (min y, min x) of the bins (stable);
-    ``random``: shuffled with ``rng``; ``none``: as given."""
+def order_indices(objects: Sequence[DetObject], ordering: str = "sorted", rng: random.Random | None = None) -> list[int]:
+    """Indices of ``objects`` in target order. ``sorted``: top-to-bottom then left-to-right by
+    (min y, min x) of the bins (stable); ``random``: shuffled with ``rng``; ``none``: as given."""
+    idx = list(range(len(objects)))
     if ordering == "sorted":
-        return sorted(objects, key=lambda o: (min(o.bins[1::2]), min(o.bins[0::2])))
+        return sorted(idx, key=lambda i: (min(objects[i].bins[1::2]), min(objects[i].bins[0::2])))
     if ordering == "random":
-        out = list(objects)
-        (rng or random).shuffle(out)
-        return out
+        (rng or random).shuffle(idx)
+        return idx
     if ordering == "none":
-        return list(objects)
+        return idx
     raise ValueError(f"unknown object ordering {ordering!r} (expected sorted, random or none)")
+
+
+def order_objects(objects: Sequence[DetObject], ordering: str = "sorted", rng: random.Random | None = None) -> list[DetObject]:
+    """``objects`` in target order (see :func:`order_indices`)."""
+    return [objects[i] for i in order_indices(objects, ordering, rng)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from src.losses.coord import coord_diagnostics, coord_loss_terms, weighted_coord_loss
 

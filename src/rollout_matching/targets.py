@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from src.data.objects import DetObject
-from src.data.serialize import SEPARATORS, object_value, order_objects
+from src.data.serialize import SEPARATORS, object_value, order_indices
 from src.rollout_matching.matcher import MatchResult
 from src.rollout_matching.ot import prefix_targets_batch
 from src.rollout_matching.parser import ParseResult
@@ -61,6 +61,8 @@ class TrainTarget:
     matched_for_supervision: int   # matched pairs whose prefix coords are supervised
     excluded_from_supervision: int  # valid predictions without any supervision (FP + failed targets)
     fn_appended: int
+    fn_gt: tuple[int, ...] = ()            # GT indices appended, in appended order
+    supervised_pairs: tuple[tuple[int, int], ...] = ()  # (pred_i, gt_j) whose prefix coords are supervised
 
     def supervision_arrays(self) -> tuple[list[int], list[int], list[int]]:
         """Per-Y_train-token (ce_targets with -100, coord_bins with -1, segment 0 prefix / 1 tail)."""
@@ -128,7 +130,7 @@ def build_train_target(
     P = len(prefix)
     coord_targets: list[tuple[int, int, Segment]] = []
     failed_gt: list[int] = []
-    supervised_pairs = 0
+    supervised: list[tuple[int, int]] = []
     all_bins = prefix_targets_batch(
         [(parsed.objects[i].to_det_object(), gts[j]) for i, j in match.matches], ot_cost=ot_cost, ot_epsilon=ot_epsilon, ot_iters=ot_iters
     )
@@ -137,19 +139,22 @@ def build_train_target(
         if len(bins) != len(obj.coord_positions) or not all(isinstance(b, int) and 0 <= b <= 999 for b in bins):
             failed_gt.append(gt_j)  # cannot build targets: no prefix loss, the GT object is appended
             continue
-        supervised_pairs += 1
+        supervised.append((pred_i, gt_j))
         coord_targets.extend((pos, b, "prefix") for pos, b in zip(obj.coord_positions, bins))
 
     fn_idx = sorted(set(match.fn) | set(failed_gt))
-    fn_objects = order_objects([gts[j] for j in fn_idx], fn_ordering, rng)
+    fn_gt = tuple(fn_idx[k] for k in order_indices([gts[j] for j in fn_idx], fn_ordering, rng))
+    fn_objects = [gts[j] for j in fn_gt]
     first = (parsed.max_object_index or 0) + 1
-    frag = build_fragment(table.text(prefix), fn_objects, first)
+    frag = build_fragment(table.text(prefix[-8:]), fn_objects, first)  # only its last non-space char matters
     frag_ids = table.encode(frag.text)
     y_ids = prefix + frag_ids + [table.im_end_id]
 
-    # Tail supervision from byte spans of the fragment's tokens.
+    # Tail supervision from byte spans of the fragment's tokens (desc spans are sorted: one pointer).
     ce_positions: list[int] = []
     offset = 0
+    spans = frag.desc_spans
+    si = 0
     for k, tid in enumerate(frag_ids):
         piece = table.piece(tid)
         s, e = offset, offset + len(piece)
@@ -159,7 +164,9 @@ def build_train_target(
         if b >= 0:
             coord_targets.append((pos, b, "tail"))
             continue
-        if any(s < de and e > ds for ds, de in frag.desc_spans):
+        while si < len(spans) and spans[si][1] <= s:
+            si += 1
+        if si < len(spans) and s < spans[si][1] and e > spans[si][0]:
             continue  # overlaps a desc value: masked in stage 2
         if s <= frag.close_byte < e and not supervise_eos:
             continue
@@ -178,7 +185,8 @@ def build_train_target(
         raise TargetError("CE position outside the tail")
     return TrainTarget(
         y_ids=tuple(y_ids), prefix_len=P, fragment=frag, ce_positions=tuple(ce_positions),
-        coord_targets=tuple(sorted(coord_targets)), matched_for_supervision=supervised_pairs,
-        excluded_from_supervision=len(parsed.objects) - supervised_pairs, fn_appended=len(fn_objects),
+        coord_targets=tuple(sorted(coord_targets)), matched_for_supervision=len(supervised),
+        excluded_from_supervision=len(parsed.objects) - len(supervised), fn_appended=len(fn_objects),
+        fn_gt=fn_gt, supervised_pairs=tuple(supervised),
     )
 
