@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage1-only", action="store_true", help="run stage 1 only")
     args = ap.parse_args(argv)
     from src.sft import run
+    from src.utils.runtime import keep_freed_memory
+
+    keep_freed_memory()
 
     t0 = time.time()
     results = []

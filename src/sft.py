@@ -20,6 +20,7 @@ from pathlib import Path
 from src.config.loader import ConfigError, gradient_accumulation_for, load_config, to_dict
 from src.config.schema import Config
 from src.data.contract import DataError, load_jsonl
+from src.utils.runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base_config", default=None, help="YAML merged under --config")
     ap.add_argument("--print_config", action="store_true", help="validate, print the resolved config and exit (loads no model)")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     try:
         cfg = load_config(args.config, args.base_config)
         if args.print_config:
