@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'blind median-box baseline':28s} {'':10s} {1.0:9.2f} {base['precision']:9.3f} {base['recall']:7.3f} {base['f1']:6.3f}")
     for name, cfg, s in results:
         if cfg.custom.trainer_variant == "rollout_matching_sft":
-            keys = ("rollout/valid_pred_objects", "rollout/matched_for_supervision", "rollout/fn_appended", "rollout/gating_rejections", "loss/ce", "loss/coord")
-            print(f"{name}: " + ", ".join(f"{k}={s.get('train_' + k, s.get(k, 0)):.4g}" for k in keys))
+            keys = ("total_rollout/samples", "total_rollout/valid_pred_objects", "total_rollout/matched_for_supervision",
+                    "total_rollout/fn_appended", "total_rollout/gating_rejections", "last_loss/ce", "last_loss/coord")
+            print(f"{name} over the run: " + ", ".join(f"{k.split('_', 1)[1]}={s.get(k, 0):.4g}" for k in keys))
     print(f"[demo] total wall time {time.time() - t0:.0f}s; run directories: " + ", ".join(c.training.args["output_dir"] for _, c, _ in results))
     Path("output/demo").mkdir(parents=True, exist_ok=True)
     Path("output/demo/summary.json").write_text(json.dumps({n: s for n, _, s in results} | {"baseline": base}, indent=2) + "\n")

@@ -23,6 +23,10 @@ from src.data.contract import DataError, load_jsonl
 from src.utils.runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
+COUNTER_TOTALS = {
+    "rollout/parse_dropped_invalid", "rollout/parse_truncated", "rollout/valid_pred_objects", "rollout/matched_for_supervision",
+    "rollout/excluded_from_supervision", "rollout/fn_appended", "rollout/gating_rejections", "rollout/gt_objects", "rollout/samples",
+}
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -143,9 +147,15 @@ def run(cfg: Config) -> dict:
     summary = {"train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1), "global_step": trainer.state.global_step}
     if trainer.eval_dataset is not None:
         summary.update({k: round(v, 4) for k, v in trainer.evaluate().items()})
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if losses:
-        summary.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    if train_logs:
+        summary.update(loss_first=round(train_logs[0]["loss"], 4), loss_last=round(train_logs[-1]["loss"], 4))
+        for k in ("loss/ce", "loss/coord"):
+            if k in train_logs[-1]:
+                summary[f"last_{k}"] = round(train_logs[-1][k], 4)
+        # rollout counters are window sums: their total over the run
+        for k in sorted({k for h in train_logs for k in h if k.startswith("rollout/") and k in COUNTER_TOTALS}):
+            summary[f"total_{k}"] = sum(h.get(k, 0.0) for h in train_logs)
     summary["wall_s"] = round(time.time() - t0, 1)
     if trainer.is_world_process_zero():
         trainer.save_state()  # again, so log_history holds the final evaluation

@@ -130,3 +130,9 @@ def test_cli_print_config_validates_without_loading_a_model(tmp_path):
     printed = yaml.safe_load(r.stdout)
     assert printed["custom"]["trainer_variant"] == "sft"
     assert printed["custom"]["extra"]["rollout_matching"]["candidate_top_k"] == 5
+
+
+def test_config_reference_is_current():
+    from src.config.docs import render
+
+    assert (ROOT / "docs" / "config.md").read_text() == render(), "run: python -m src.config.docs > docs/config.md"

@@ -57,6 +57,14 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return r
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train_logs(out: Path) -> list[dict]:
     return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
@@ -92,7 +100,7 @@ def test_stage2_through_python_m_src_sft(assets):
 def test_torchrun_two_processes_with_a_zero_gt_rank(assets, variant):
     """2 CPU processes (gloo); half the images have no GT, so some steps give a rank only zero-GT samples."""
     cfg, out = write_config(assets, f"ddp_{variant}", variant, {"training": {"per_device_train_batch_size": 1, "max_steps": 4}})
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + (variant == "sft")),
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "src.sft", "--config", str(cfg)], timeout=600)
     logs = train_logs(out)
     assert len(logs) == 4

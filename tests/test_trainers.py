@@ -271,3 +271,21 @@ def test_evaluate_reports_rollout_f1(trainer2):
     for k in ("eval_rollout_precision", "eval_rollout_recall", "eval_rollout_f1", "eval_rollout_parse_valid_rate"):
         assert k in m
     assert m["eval_rollout_images"] == 4
+
+
+def test_repeat_guard_stops_degenerate_rollouts_and_is_counted(tiny_model_dirs, shapes_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path, custom={"extra": {"rollout_matching": {
+        "max_new_tokens": 40, "repeat_guard": {"enabled": True, "ngram_size": 2, "ngram_max_repeats": 3}}}})
+    tr = make_trainer(cfg)
+    inputs = stage2_inputs(tr, records(shapes_dir, 2))
+    rollouts = tr.rollout_backend.generate(tr.rollout_model(), inputs["prompts"])
+    assert all(r.stopped_by_guard and not r.hit_max_new_tokens and len(r.response_ids) < 40 for r in rollouts)
+    tr.model.train()
+    tr.compute_loss(tr.model, inputs)
+    assert tr.step_metrics.reduce()["rollout/repeat_guard_stops"] == 2
+
+
+def test_repeat_guard_with_beam_is_refused(tiny_model_dirs, shapes_dir, tmp_path):
+    with pytest.raises(ConfigError, match="repeat_guard"):
+        make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path, custom={"extra": {"rollout_matching": {
+            "decode_mode": "beam", "num_beams": 2, "repeat_guard": {"enabled": True}}}})

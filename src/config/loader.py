@@ -255,6 +255,8 @@ def check_combinations(cfg: Config) -> None:
         if getattr(rm, k) < 0:
             raise ConfigError(f"custom.extra.rollout_matching.{k}: must be >= 0")
     g = rm.repeat_guard
+    if g.enabled and rm.decode_mode == "beam":
+        raise ConfigError("custom.extra.rollout_matching.repeat_guard.enabled: not available with decode_mode: beam (beams are reordered every step); use greedy or sample")
     if g.ngram_size < 1 or g.ngram_max_repeats < 2 or g.max_duplicate_objects < 1 or (g.max_objects is not None and g.max_objects < 1):
         raise ConfigError("custom.extra.rollout_matching.repeat_guard: ngram_size >= 1, ngram_max_repeats >= 2, max_duplicate_objects >= 1, max_objects >= 1 or null")
     c = cfg.custom.coord_soft_ce_w1

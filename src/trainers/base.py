@@ -14,6 +14,7 @@ from transformers import Trainer
 from src.config.schema import Config
 from src.data.prompt import prompt_text
 from src.losses.supervised import LossOutput, teacher_forced_losses
+from src.rollout_matching.repeat_guard import GuardSettings
 from src.rollout_matching.tokens import token_table
 from src.trainers.encoding import MODEL_INPUT_KEYS, encode_prompt, load_image
 from src.trainers.metrics import StepMetrics, ratio
@@ -49,6 +50,7 @@ class DetectionTrainer(Trainer):
         rm = run_config.rollout_matching
         self.rollout_backend = HFRolloutBackend(
             DecodeSettings.from_config(rm), eos_id=self.table.im_end_id, pad_id=processor.tokenizer.pad_token_id,
+            table=self.table, guard=GuardSettings.from_config(rm.repeat_guard) if rm.repeat_guard.enabled else None,
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
         )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
@@ -45,6 +45,41 @@ class Rollout:
     response_ids: list[int]
     hit_max_new_tokens: bool
     stopped_by_guard: bool = False
+
+
+class RepeatGuardCriteria:
+    """``transformers`` stopping criterion running one :class:`RowGuard` per generated row.
+
+    Rows that already emitted an end token are no longer fed. ``stopped_rows`` holds the rows the guard
+    stopped (counted as ``rollout/repeat_guard_stops``)."""
+
+    def __init__(self, table, settings, prompt_len: int, end_ids: tuple[int, ...]):
+        from src.rollout_matching.repeat_guard import RowGuard
+
+        self._row = lambda: RowGuard(table, settings)
+        self.rows: list = []
+        self.seen = prompt_len
+        self.end_ids = end_ids
+        self.done: set[int] = set()
+        self.stopped_rows: set[int] = set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        if not self.rows:
+            self.rows = [self._row() for _ in range(input_ids.shape[0])]
+        new = input_ids[:, self.seen :].tolist()
+        self.seen = input_ids.shape[1]
+        out = []
+        for b, toks in enumerate(new):
+            for t in toks:
+                if b in self.done:
+                    break
+                if t in self.end_ids:
+                    self.done.add(b)
+                elif self.rows[b].push(t):
+                    self.done.add(b)
+                    self.stopped_rows.add(b)
+            out.append(b in self.stopped_rows)
+        return torch.tensor(out, dtype=torch.bool, device=input_ids.device)
 
 
 class RolloutBackend(Protocol):
@@ -94,13 +129,15 @@ def generation_mode(model, gradient_checkpointing_kwargs: dict | None = None) ->
 class HFRolloutBackend:
     """Batched Hugging Face ``generate``."""
 
-    def __init__(self, settings: DecodeSettings, eos_id: int, pad_id: int,
-                 stopping_criteria_factory: Callable[[], list] | None = None,
+    def __init__(self, settings: DecodeSettings, eos_id: int, pad_id: int, *, table=None, guard=None,
                  gradient_checkpointing_kwargs: dict | None = None):
+        """``guard``: :class:`src.rollout_matching.repeat_guard.GuardSettings` (needs ``table``) or None."""
+        if guard is not None and settings.decode_mode == "beam":
+            raise ValueError("the repeat guard tracks rows token by token; beams are reordered every step (use greedy or sample)")
         self.settings = settings
         self.eos_id, self.pad_id = eos_id, pad_id
         self.generation_config = build_generation_config(settings, eos_id, pad_id)
-        self.stopping_criteria_factory = stopping_criteria_factory
+        self.table, self.guard = table, guard
         self.gc_kwargs = gradient_checkpointing_kwargs
         self.last_stats: dict[str, float] = {}
 
@@ -115,11 +152,11 @@ class HFRolloutBackend:
                 batch = left_padded_prompts(chunk, self.pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
-                criteria = self.stopping_criteria_factory() if self.stopping_criteria_factory else None
-                kwargs = {"stopping_criteria": criteria} if criteria else {}
-                seqs = model.generate(**batch, generation_config=self.generation_config, synced_gpus=synced_gpus, **kwargs)
                 L = batch["input_ids"].shape[1]
-                guard_hits = getattr(criteria[0], "stopped_rows", set()) if criteria else set()
+                guard = RepeatGuardCriteria(self.table, self.guard, L, (self.eos_id, self.pad_id)) if self.guard else None
+                kwargs = {"stopping_criteria": [guard]} if guard else {}
+                seqs = model.generate(**batch, generation_config=self.generation_config, synced_gpus=synced_gpus, **kwargs)
+                guard_hits = guard.stopped_rows if guard else set()
                 for b, p in enumerate(chunk):
                     resp = seqs[b, L:].tolist()
                     # Cut at <|im_end|> (kept: the parser's hard stop) or at <|endoftext|> (dropped): the
