@@ -317,7 +317,7 @@ def test_bad_options_fail_before_loading(tiny_model_dirs):
     d = tiny_model_dirs["qwen2_vl"]
     with pytest.raises(ModelLoadError, match="model.dtype"):
         load_model_and_processor(d, dtype="fp8")
-    with pytest.raises(ModelLoadError, match="model.coord_init"):
+    with pytest.raises(ModelLoadError, match="custom.coord_tokens.init"):
         load_model_and_processor(d, coord_init="zeros")
     with pytest.raises(ModelLoadError, match="unknown keys"):
         load_model_and_processor(d, lora={"rank": 4})

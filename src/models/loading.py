@@ -107,7 +107,7 @@ def init_coord_rows(model, coord_ids: list[int], n_existing: int, method: str = 
     ``random``: N(0, initializer_range^2).
     """
     if method not in COORD_INITS:
-        raise ModelLoadError(f"model.coord_init must be one of {COORD_INITS}, got {method!r}")
+        raise ModelLoadError(f"custom.coord_tokens.init must be one of {COORD_INITS}, got {method!r}")
     generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor(coord_ids)
     weights = [model.get_input_embeddings().weight]
@@ -225,7 +225,7 @@ def load_model_and_processor(
     if dtype not in DTYPES:
         raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if coord_init not in COORD_INITS:
-        raise ModelLoadError(f"model.coord_init must be one of {COORD_INITS}, got {coord_init!r}")
+        raise ModelLoadError(f"custom.coord_tokens.init must be one of {COORD_INITS}, got {coord_init!r}")
     lora_spec = _as_lora_spec(lora)
     try:
         family = detect_family(model_dir)

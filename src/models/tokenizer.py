@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-from functools import lru_cache
 from pathlib import Path
+
+from src.rollout_matching.tokens import bytes_to_unicode
 
 COORD_BINS = 1000
 COORD_TOKEN_FMT = "<|coord_{}|>"
@@ -62,20 +63,6 @@ def coord_token(k: int) -> str:
 def coord_tokens() -> list[str]:
     """All coord tokens in bin order."""
     return [coord_token(k) for k in range(COORD_BINS)]
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / Qwen byte-level table: byte value -> printable unicode char."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def tiktoken_file() -> Path:

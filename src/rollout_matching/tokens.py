@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,7 +24,9 @@ IM_END = "<|im_end|>"
 UNKNOWN_PIECE = b"\x00"  # ids the tokenizer does not know (e.g. padded embedding rows): never valid JSON
 
 
-def _byte_decoder() -> dict[str, int]:
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / Qwen byte-level table: byte value -> the printable unicode char that stands for it."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -32,7 +35,11 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 @dataclass(frozen=True, eq=False)
