@@ -63,13 +63,26 @@ class DetectionCounts:
         }
 
 
-def count_matches(parsed: ParseResult, gts: Sequence[DetObject], match_kw: dict[str, Any], hit_cap: bool = False) -> DetectionCounts:
-    """Counts for one image."""
-    preds = [o.to_det_object() for o in parsed.objects]
+def count_objects(
+    preds: Sequence[DetObject], gts: Sequence[DetObject], match_kw: dict[str, Any], *,
+    parse_valid: bool = True, truncated: bool = False, dropped_invalid: int = 0, hit_cap: bool = False,
+) -> DetectionCounts:
+    """Counts for one image from its valid predicted objects and its GT, both in bins.
+
+    ``match_kw``: :func:`match_objects` keyword arguments (:func:`match_kwargs`). The parse-health
+    fields describe how ``preds`` were obtained (defaults: a clean parse)."""
     m = match_objects(preds, gts, **match_kw)
-    valid = not parsed.truncated and not parsed.malformed and parsed.dropped_invalid == 0
     return DetectionCounts(
         images=1, pred_objects=len(preds), gt_objects=len(gts), matched=len(m.matches),
-        parse_valid=float(valid), images_with_valid_object=float(len(preds) > 0),
-        truncated=float(parsed.truncated), dropped_invalid=parsed.dropped_invalid, hit_max_new_tokens=float(hit_cap),
+        parse_valid=float(parse_valid), images_with_valid_object=float(len(preds) > 0),
+        truncated=float(truncated), dropped_invalid=dropped_invalid, hit_max_new_tokens=float(hit_cap),
+    )
+
+
+def count_matches(parsed: ParseResult, gts: Sequence[DetObject], match_kw: dict[str, Any], hit_cap: bool = False) -> DetectionCounts:
+    """Counts for one image from its parsed rollout (:func:`count_objects` on the valid objects)."""
+    return count_objects(
+        [o.to_det_object() for o in parsed.objects], gts, match_kw,
+        parse_valid=not parsed.truncated and not parsed.malformed and parsed.dropped_invalid == 0,
+        truncated=parsed.truncated, dropped_invalid=parsed.dropped_invalid, hit_cap=hit_cap,
     )

@@ -1,0 +1,128 @@
+"""src.eval: COCOeval figures on known cases, an independent AP cross-check, our matcher's F1, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src.data.contract import load_jsonl
+from src.data.make_shapes import make_shapes
+from src.eval import appearance_scores, evaluate, main, read_predictions
+from src.infer import gt_pixel_objects
+
+
+def write_lines(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def line(gt: list[dict], pred: list[dict], size: int = 200) -> dict:
+    return {"image": "x.png", "width": size, "height": size, "gt": gt, "pred": pred, "truncated": False, "dropped_invalid": 0}
+
+
+def box(x: float, y: float, s: float = 40, desc: str = "a") -> dict:
+    return {"desc": desc, "bbox_2d": [x, y, x + s, y + s]}
+
+
+@pytest.fixture(scope="module")
+def shapes_gt(tmp_path_factory) -> list[dict]:
+    """GT of a small shapes val split as prediction lines (boxes AND polygons, in pixels)."""
+    out = tmp_path_factory.mktemp("shapes")
+    paths = make_shapes(out, num_train=4, num_val=6, seed=0, image_size=64)
+    records, _ = load_jsonl(paths["val"])
+    return [{"image": str(r.image), "width": r.width, "height": r.height, "gt": gt_pixel_objects(r)} for r in records]
+
+
+def test_perfect_predictions_score_one(tmp_path, shapes_gt):
+    lines = [{**g, "pred": g["gt"]} for g in shapes_gt]
+    assert any("poly" in o for g in shapes_gt for o in g["gt"])
+    m = evaluate(read_predictions(write_lines(tmp_path / "p.jsonl", lines)))
+    assert m["bbox_AP"] == pytest.approx(1.0) and m["bbox_AP50"] == pytest.approx(1.0) and m["bbox_AR100"] == pytest.approx(1.0)
+    assert m["segm_AP"] == pytest.approx(1.0)
+    for t in (0.3, 0.5, 0.75):
+        assert m[f"f1@{t}"] == pytest.approx(1.0)
+    assert m["images"] == 6 and m["parse_valid_rate"] == 1.0
+
+
+def test_boxes_only_have_no_segm(tmp_path):
+    m = evaluate(read_predictions(write_lines(tmp_path / "p.jsonl", [line([box(10, 10)], [box(10, 10)])])))
+    assert m["bbox_AP"] == pytest.approx(1.0) and m["segm_AP"] is None
+
+
+def test_shifted_boxes_lower_ap_monotonically(tmp_path):
+    gts = [box(20, 20), box(120, 30), box(40, 130), box(130, 130)]
+    aps = []
+    for shift in (0, 3, 6, 10, 16):
+        preds = [{"desc": "a", "bbox_2d": [v + shift for v in g["bbox_2d"]]} for g in gts]
+        aps.append(evaluate(read_predictions(write_lines(tmp_path / f"p{shift}.jsonl", [line(gts, preds)])))["bbox_AP"])
+    assert aps[0] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(aps, aps[1:])) and aps[-1] < aps[1] < aps[0]
+
+
+def test_empty_predictions_score_zero(tmp_path, shapes_gt):
+    lines = [{**g, "pred": []} for g in shapes_gt]
+    m = evaluate(read_predictions(write_lines(tmp_path / "p.jsonl", lines)))
+    assert m["bbox_AP"] == 0.0 and m["bbox_AR100"] == 0.0 and m["f1@0.5"] == 0.0 and m["nonempty_rate"] == 0.0
+
+
+def interpolated_ap(hits: list[bool], num_gt: int) -> float:
+    """COCO's 101-point interpolated AP of a ranked list of hits (independent of pycocotools)."""
+    tp = np.cumsum(hits)
+    prec = tp / np.arange(1, len(hits) + 1)
+    rec = tp / num_gt
+    total = 0.0
+    for r in np.linspace(0, 1, 101):
+        at_or_above = prec[rec >= r - 1e-12]
+        total += at_or_above.max() if at_or_above.size else 0.0
+    return total / 101
+
+
+def test_ap_cross_check_by_hand(tmp_path):
+    # 1 category, 3 GT; predictions in appearance order (scores 1, 0.75, 0.5): hit, miss, hit.
+    gts = [box(10, 10), box(100, 10), box(10, 100)]
+    preds = [box(10, 10), box(150, 150), box(100, 10)]
+    assert appearance_scores(3) == (1.0, 0.75, 0.5)
+    m = evaluate(read_predictions(write_lines(tmp_path / "p.jsonl", [line(gts, preds)])))
+    expected = interpolated_ap([True, False, True], 3)
+    assert expected == pytest.approx(56 / 101)  # recall <= 1/3: precision 1 (34 points); <= 2/3: 2/3 (33 points)
+    assert m["bbox_AP"] == pytest.approx(expected) and m["bbox_AP50"] == pytest.approx(expected)
+    assert m["precision@0.5"] == pytest.approx(2 / 3) and m["recall@0.5"] == pytest.approx(2 / 3)
+
+
+def test_explicit_scores_change_the_ranking(tmp_path):
+    gts = [box(10, 10), box(100, 10), box(10, 100)]
+    preds = [{**box(150, 150), "score": 0.1}, {**box(10, 10), "score": 0.9}, {**box(100, 10), "score": 0.8}]
+    m = evaluate(read_predictions(write_lines(tmp_path / "p.jsonl", [line(gts, preds)])))
+    assert m["bbox_AP"] == pytest.approx(interpolated_ap([True, True, False], 3))
+
+
+def test_main_writes_json_and_table(tmp_path, capsys, shapes_gt):
+    pred = write_lines(tmp_path / "p.jsonl", [{**g, "pred": g["gt"][:1]} for g in shapes_gt])
+    assert main(["--pred", str(pred), "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_AR100", "segm_AP", "f1@0.3", "f1@0.5", "f1@0.75",
+                "precision@0.5", "recall@0.5", "images", "parse_valid_rate"):
+        assert key in m
+    out = capsys.readouterr().out
+    assert "COCOeval" in out and "index created" not in out and "Accumulating" not in out  # pycocotools silenced
+
+
+@pytest.mark.parametrize("content, expect", [
+    (None, "file not found"),
+    ('{"image": "x.png"\n', ":1: malformed JSON"),
+    (json.dumps({"image": "x.png", "width": 10, "height": 10, "gt": []}) + "\n", ":1: missing key(s) ['pred']"),
+    (json.dumps(line([box(10, 10)], [{"desc": "a", "bbox_2d": [1, 2, 3]}])) + "\n", ":1: pred: objects[0]"),
+    (json.dumps(line([box(10, 10)], [box(190, 10)])) + "\n", "outside the image"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, content, expect):
+    pred = tmp_path / "p.jsonl"
+    if content is not None:
+        pred.write_text(content)
+    assert main(["--pred", str(pred)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    if content is not None:
+        assert err.startswith(f"error: {pred}:")
