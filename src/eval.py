@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the metrics as JSON here")
     args = ap.parse_args(argv)
     try:
-        if args.out is not None and not args.out.parent.is_dir():
-            raise DataError(f"--out {args.out}: folder {args.out.parent} does not exist; create it first")
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
         images = read_predictions(args.pred)
         if not images:
             raise DataError(f"{args.pred}: no predictions (the file is empty)")

@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise InferError(f"--limit must be >= 1, got {args.limit}")
-        if not args.out.parent.is_dir():
-            raise InferError(f"--out {args.out}: folder {args.out.parent} does not exist; create it first")
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # a new output folder is created
         rm = load_rollout_matching(args.config) if args.config is not None else RolloutMatchingConfig()
         if not args.jsonl.is_file():
             raise InferError(f"--jsonl {args.jsonl}: file not found")

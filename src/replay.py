@@ -287,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         check_knobs(rm, str(args.config or "defaults"))
         if not args.rollouts.is_file():
             raise ReplayError(f"--rollouts {args.rollouts}: file not found")
-        if not args.out.parent.is_dir():
-            raise ReplayError(f"--out {args.out}: folder {args.out.parent} does not exist; create it first")
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # a new output folder is created
         table = load_token_table(args.model)
         totals = replay_file(args.rollouts, args.out, table, rm)
     except (ReplayError, ConfigError, DataError) as e:

@@ -303,13 +303,14 @@ def test_bad_model_dir_or_paths_exit_2(tmp_path, capsys, model_dir):
         (["--model", str(tmp_path / "missing"), "--rollouts", str(src), "--out", str(tmp_path / "o.jsonl")], "not a directory"),
         (["--model", str(tmp_path / "cfg_only"), "--rollouts", str(src), "--out", str(tmp_path / "o.jsonl")], "no tokenizer files"),
         (["--model", str(model_dir), "--rollouts", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o.jsonl")], "file not found"),
-        (["--model", str(model_dir), "--rollouts", str(src), "--out", str(tmp_path / "no" / "o.jsonl")], "does not exist"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert needle in line
     assert not (tmp_path / "o.jsonl").exists()
+    assert main(["--model", str(model_dir), "--rollouts", str(src), "--out", str(tmp_path / "new" / "o.jsonl")]) == 0
+    assert (tmp_path / "new" / "o.jsonl").is_file()  # a missing output folder is created
 
 
 def test_tokenizer_without_coord_tokens_gets_them_appended(tmp_path, capsys, token_table):
