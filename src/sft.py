@@ -90,6 +90,23 @@ def training_arguments(cfg: Config):
         raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
 
 
+def check_images_open(records) -> None:
+    """Open every record's image header once (cheap: no pixel decoding), so a missing or unreadable
+    file is refused before any model loads, naming the JSONL file:line. Images that break later (during
+    training) still surface as a one-line DataError from the collator."""
+    from PIL import Image, UnidentifiedImageError
+
+    for r in records:
+        try:
+            with Image.open(r.image) as im:
+                im.size  # noqa: B018 - the header is parsed by open()
+        except FileNotFoundError:
+            raise DataError(f"{r.source}: image file not found: {r.image}") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{r.source}: cannot read image {r.image} ({msg}); replace the file or remove the line") from None
+
+
 def load_records(cfg: Config):
     c = cfg.custom
     train, tstats = load_jsonl(c.train_jsonl, on_invalid=c.on_invalid_record, limit=c.max_train_samples)
@@ -98,9 +115,21 @@ def load_records(cfg: Config):
     val = []
     if c.val_jsonl:
         val, _ = load_jsonl(c.val_jsonl, on_invalid=c.on_invalid_record, limit=c.max_val_samples)
+    check_images_open(train)
+    check_images_open(val)
     if tstats.skipped:
         print(f"[data] skipped {tstats.skipped} invalid line(s) of {c.train_jsonl} (custom.on_invalid_record: skip); first: {tstats.skip_reasons[0]}", flush=True)
     return train, val
+
+
+def lora_spec(lora) -> dict | None:
+    """``model.lora`` as keyword arguments of :class:`src.models.loading.LoraSpec` (None when disabled)."""
+    if not lora.enabled:
+        return None
+    spec = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "train_coord_rows": lora.train_coord_rows}
+    if lora.target_modules is not None:
+        spec["target_modules"] = tuple(lora.target_modules)
+    return spec
 
 
 def build_trainer(cfg: Config):
@@ -116,13 +145,22 @@ def build_trainer(cfg: Config):
     m = cfg.model
     model, processor = load_model_and_processor(
         m.model_name_or_path, add_coord_tokens=m.add_coord_tokens, dtype=m.dtype, attn_implementation=m.attn_implementation,
-        freeze_vision=m.freeze_vision, lora=m.lora if m.lora.enabled else None, coord_init=cfg.custom.coord_tokens.init,
+        freeze_vision=m.freeze_vision, lora=lora_spec(m.lora), coord_init=cfg.custom.coord_tokens.init,
         min_pixels=m.min_pixels, max_pixels=m.max_pixels,
     )
     return trainer_cls(
         model=model, args=targs, train_dataset=RecordDataset(train), eval_dataset=RecordDataset(val) if val else None,
         data_collator=trainer_cls.make_collator(processor, cfg, targs.seed), run_config=cfg, processor=processor,
     )
+
+
+def save_merged_lora(trainer, path: Path) -> Path:
+    """With LoRA the run directory holds the adapter; also write the merged full model (+ processor) to
+    ``path`` so that it can be used as ``model.model_name_or_path`` (e.g. stage 1 -> stage 2)."""
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merged.save_pretrained(path)
+    trainer.processor.save_pretrained(path)
+    return path
 
 
 def write_run_files(cfg: Config, output_dir: Path) -> None:
@@ -156,6 +194,8 @@ def run(cfg: Config) -> dict:
         # rollout counters are window sums: their total over the run
         for k in sorted({k for h in train_logs for k in h if k.startswith("rollout/") and k in COUNTER_TOTALS}):
             summary[f"total_{k}"] = sum(h.get(k, 0.0) for h in train_logs)
+    if cfg.model.lora.enabled and trainer.is_world_process_zero():
+        summary["merged_model_dir"] = str(save_merged_lora(trainer, out / "merged"))
     summary["wall_s"] = round(time.time() - t0, 1)
     if trainer.is_world_process_zero():
         trainer.save_state()  # again, so log_history holds the final evaluation

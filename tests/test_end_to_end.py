@@ -109,3 +109,16 @@ def test_torchrun_two_processes_with_a_zero_gt_rank(assets, variant):
         assert sum(h["rollout/gt_objects"] for h in logs) >= 1
     else:
         assert all(h["tokens/ce"] > 0 for h in logs)
+
+
+def test_stage2_with_lora_and_gradient_checkpointing_saves_a_loadable_merged_model(assets):
+    cfg, out = write_config(assets, "lora_gc", "rollout_matching_sft", {
+        "model": {"lora": {"enabled": True, "r": 4, "alpha": 8}},
+        "training": {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}, "max_steps": 2},
+    })
+    run([sys.executable, "-m", "src.sft", "--config", str(cfg)])
+    assert (out / "adapter_config.json").exists() and len(train_logs(out)) == 2
+    from src.models.loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(out / "merged")
+    assert not any("lora" in n for n, _ in model.named_parameters())

@@ -42,7 +42,8 @@ class LoraConfig:
     r: int = opt(16, "LoRA rank.")
     alpha: int = opt(32, "LoRA alpha.")
     dropout: float = opt(0.05, "LoRA dropout.")
-    target_modules: tuple[str, ...] = opt(("q_proj", "k_proj", "v_proj", "o_proj"), "Module names that get adapters (language model).")
+    target_modules: tuple[str, ...] | None = opt(None, "Module-name suffixes that get adapters; null = every attention and MLP linear layer of the language model (never the vision tower).")
+    train_coord_rows: bool = opt(True, "Also train the 1000 coord-token embedding rows (needed when the coord tokens were just added).")
 
 
 @dataclass(frozen=True)
