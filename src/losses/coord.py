@@ -58,7 +58,9 @@ def coord_loss_terms(
     """
     z = coord_logits.float()
     q = gaussian_targets(target_bins, sigma, truncate, z.shape[-1])
-    logp = torch.log_softmax(z / temperature, dim=-1)
+    # z / T is saturated like the full-vocab logits (src.losses.supervised.LOGIT_LIMIT): a small T must not
+    # turn extreme-but-finite bf16 logits into inf (-> NaN in log_softmax).
+    logp = torch.log_softmax((z / temperature).clamp(-1e37, 1e37), dim=-1)
     soft_ce = -torch.where(q > 0, q * logp, torch.zeros_like(logp)).sum(-1)  # 0*log0 := 0
     cdf_p = torch.cumsum(logp.exp(), dim=-1)
     cdf_q = torch.cumsum(q, dim=-1)

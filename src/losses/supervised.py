@@ -27,6 +27,21 @@ from src.losses.coord import coord_diagnostics, coord_loss_terms, weighted_coord
 SEGMENT_PREFIX = 0
 SEGMENT_TAIL = 1
 
+# Finite logits are saturated to +-LOGIT_LIMIT before the fp32 loss arithmetic: bf16 holds values up to
+# ~3.4e38, and a difference of two such values (CE = lse - target logit) would overflow fp32 to inf.
+# Normal logits (|z| << 1e37) are untouched; the clamp is applied only when a batch needs it.
+LOGIT_LIMIT = 1e37
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """NaN / +-inf logits at supervised positions. Raised (never sanitised): such values mean the weights or
+    activations are already broken, and a gradient computed from them would be NaN. ``samples`` holds the
+    micro-batch indices of the affected samples; the trainer re-raises with the step and sample sources."""
+
+    def __init__(self, message: str, samples: list[int]):
+        super().__init__(message)
+        self.samples = samples
+
 
 @dataclass(frozen=True)
 class LossOutput:
@@ -41,6 +56,28 @@ def _segment_mean(values: torch.Tensor, sample_idx: torch.Tensor, num_samples: i
     sums = values.new_zeros(num_samples).index_add(0, sample_idx, values)
     counts = torch.bincount(sample_idx, minlength=num_samples).to(values.dtype)
     return sums / counts.clamp_min(1.0)
+
+
+def _checked_logits(logits: torch.Tensor, sample_idx: torch.Tensor, ce_mask: torch.Tensor, coord_mask: torch.Tensor) -> torch.Tensor:
+    """Raise :class:`NonFiniteLogitsError` on NaN/inf; saturate finite extremes to +-LOGIT_LIMIT.
+
+    One reduction pass over the logits in the common case (nothing to do)."""
+    if not logits.numel():
+        return logits
+    lo, hi = torch.aminmax(logits.detach())  # no [N, V] temporary (abs() would allocate one)
+    peak = torch.maximum(-lo, hi)
+    if bool(torch.isfinite(peak)) and float(peak) <= LOGIT_LIMIT:
+        return logits
+    bad_rows = ~torch.isfinite(logits.detach()).all(dim=-1)
+    if bool(bad_rows.any()):
+        samples = sorted({int(i) for i in sample_idx[bad_rows].tolist()})
+        n_coord = int((bad_rows & coord_mask).sum())
+        n_ce = int((bad_rows & ce_mask).sum())
+        kinds = sorted({"nan" if bool(torch.isnan(logits[bad_rows]).any()) else "", "inf" if bool(torch.isinf(logits[bad_rows]).any()) else ""} - {""})
+        raise NonFiniteLogitsError(
+            f"non-finite logits ({'/'.join(kinds)}) at {int(bad_rows.sum())} supervised position(s) ({n_coord} coord, {n_ce} CE) "
+            f"of micro-batch sample(s) {samples}", samples)
+    return logits.float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
 
 
 def teacher_forced_losses(
@@ -78,6 +115,7 @@ def teacher_forced_losses(
     if bool((ce_mask & coord_mask).any()):
         raise ValueError("a position is supervised both by CE and by the coord loss")
 
+    logits = _checked_logits(logits, sample_idx, ce_mask, coord_mask)
     # One pass over the [N, V] logits: the full-vocab logsumexp serves both the CE (lse - logit of the
     # target) and the coord gate; everything else touches only [N] or [N, 1000] slices.
     lse = torch.logsumexp(logits.float(), dim=-1)  # [N]

@@ -81,6 +81,11 @@ def _as_lora_spec(lora) -> LoraSpec | None:
     raise ModelLoadError(f"model.lora must be a mapping or LoraSpec, got {type(lora).__name__}")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _has_coord_tokens(tokenizer) -> bool:
     ids = tokenizer.convert_tokens_to_ids(coord_tokens())
     return all(i is not None and i != tokenizer.unk_token_id for i in ids)
@@ -220,7 +225,7 @@ def load_model_and_processor(
     model_dir = Path(model_name_or_path)
     if not model_dir.is_dir():
         raise ModelLoadError(
-            f"model directory {model_dir} does not exist (download the checkpoint and point model.name_or_path at it)"
+            f"model directory {model_dir} does not exist (download the checkpoint and point model.model_name_or_path at it)"
         )
     if dtype not in DTYPES:
         raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -232,14 +237,20 @@ def load_model_and_processor(
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
 
-    processor = load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+    try:
+        processor = load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer/processor ({_first_line(e)}); the directory must hold a complete checkpoint") from e
     tokenizer = processor.tokenizer
     n_before = add_missing_coord_tokens(tokenizer, add_coord_tokens, model_dir)  # fails before the model loads
 
     kwargs = {"dtype": DTYPES[dtype]}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(str(model_dir), **kwargs)
+    try:
+        model = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(str(model_dir), **kwargs)
+    except OSError as e:  # missing / unreadable weight files
+        raise ModelLoadError(f"{model_dir}: cannot load the model weights ({_first_line(e)}); the directory must hold a complete checkpoint") from e
     _check_vision_token_ids(model, tokenizer, model_dir)
     fit_coord_rows(model, tokenizer, n_before, coord_init, model_dir)
     if freeze_vision:

@@ -80,6 +80,20 @@ _LBRACE, _RBRACE, _LBRACKET, _RBRACKET, _COLON, _COMMA = b"{}[]:,"
 _KEY_OR_CLOSE, _KEY, _COLON_NEXT, _VALUE, _COMMA_OR_CLOSE = range(5)
 
 
+def _escaped_object_index(key: bytes) -> int | None:
+    """N of a key that spells ``object_N`` with JSON escapes (e.g. ``"object_\\u0032"``), else None.
+
+    Rare, but such a key must count in ``max_object_index`` or an appended key would collide with it."""
+    if b"\\" not in key:
+        return None
+    try:
+        text = json.loads(key)
+    except ValueError:
+        return None
+    m = re.fullmatch(r"object_([0-9]+)", text) if isinstance(text, str) else None
+    return int(m.group(1)) if m else None
+
+
 @dataclass(frozen=True)
 class ParsedObject:
     """One valid predicted object.
@@ -271,7 +285,8 @@ class _Scan:
                     if state == _KEY_OR_CLOSE or state == _KEY:
                         key_start = m.start("s")
                         km = _OBJECT_KEY.fullmatch(buf, key_start, pos)
-                        entry = _Entry(key_start, int(km.group(1)) if km else None)
+                        index = int(km.group(1)) if km else _escaped_object_index(buf[key_start:pos])
+                        entry = _Entry(key_start, index)
                         self.entries.append(entry)
                         state = _COLON_NEXT
                     elif state == _VALUE:  # a string value: an invalid entry

@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from src.config.schema import Config
 from src.data.prompt import prompt_text
-from src.losses.supervised import LossOutput, teacher_forced_losses
+from src.losses.supervised import LossOutput, NonFiniteLogitsError, teacher_forced_losses
 from src.rollout_matching.repeat_guard import GuardSettings
 from src.rollout_matching.tokens import token_table
 from src.trainers.encoding import MODEL_INPUT_KEYS, encode_prompt, load_image
@@ -56,8 +56,11 @@ class DetectionTrainer(Trainer):
 
     # ------------------------------------------------------------------------- teacher-forced pass
 
-    def supervised_forward(self, model, batch: dict) -> LossOutput:
-        """ONE forward on the teacher-forced batch; logits only at supervised positions."""
+    def supervised_forward(self, model, batch: dict, sources: list[str] | None = None) -> LossOutput:
+        """ONE forward on the teacher-forced batch; logits only at supervised positions.
+
+        NaN/inf logits stop the run with :class:`NonFiniteLogitsError` naming the optimizer step and the
+        samples (their ``file:line`` when ``sources`` is given) — see docs/reliability.md."""
         mask = batch["supervised_mask"]
         inputs = {k: batch[k] for k in MODEL_INPUT_KEYS}
         out = model(**inputs, logits_to_keep=mask, use_cache=False)
@@ -65,6 +68,16 @@ class DetectionTrainer(Trainer):
         if logits.dim() != 2 or logits.shape[0] != int(mask.sum()):
             raise RuntimeError(f"selective logits returned shape {tuple(logits.shape)}; expected [{int(mask.sum())}, V]")
         sample_idx = mask.nonzero(as_tuple=True)[0]
+        try:
+            return self._losses(logits, batch, mask, sample_idx)
+        except NonFiniteLogitsError as e:
+            who = ", ".join(f"sample {i}" + (f" ({sources[i]})" if sources and i < len(sources) else "") for i in e.samples)
+            raise NonFiniteLogitsError(
+                f"optimizer step {self.state.global_step + 1}: {e} -> {who}; "
+                "the model produced NaN/inf (diverged weights or fp16 overflow): lower the learning rate, use bf16/fp32, "
+                "or resume from an earlier checkpoint", e.samples) from None
+
+    def _losses(self, logits, batch: dict, mask, sample_idx) -> LossOutput:
         c = self.run_config.custom.coord_soft_ce_w1
         rm = self.run_config.rollout_matching
         stage2 = self.run_config.custom.trainer_variant == "rollout_matching_sft"

@@ -105,6 +105,34 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         self._samples_for_log: list[dict] = []
         self._pipeline_s = 0.0
 
+    # ------------------------------------------------------------------ checkpoint / resume state
+
+    def _rollout_rng_file(self, checkpoint_dir: str | Path) -> Path:
+        from src.trainers.base import world
+
+        rank, world_size = world()
+        return Path(checkpoint_dir) / ("trainer_rollout_rng.json" if world_size == 1 else f"trainer_rollout_rng_{rank}.json")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (model, processor, optimizer, scheduler, torch/numpy/python RNG) plus
+        this trainer's own ``random.Random`` (FN order under ``custom.object_ordering: random``)."""
+        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if ckpt.is_dir():
+            version, state, gauss = self._rng.getstate()
+            self._rollout_rng_file(ckpt).write_text(json.dumps({"version": version, "state": list(state), "gauss": gauss}))
+
+    def _load_rng_state(self, checkpoint) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        f = self._rollout_rng_file(checkpoint)
+        if f.exists():
+            d = json.loads(f.read_text())
+            self._rng.setstate((d["version"], tuple(d["state"]), d["gauss"]))
+
     # ----------------------------------------------------------------------------- the pipeline
 
     def build_targets(self, records: Sequence[Record], rollouts: Sequence[Rollout]) -> list[tuple[ParseResult, Any, TrainTarget]]:
@@ -142,7 +170,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
 
         batch = self._prepare_inputs(batch)
         batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
-        out = self.supervised_forward(model, batch)  # the ONE teacher-forced forward
+        out = self.supervised_forward(model, batch, sources=[r.source for r in records])  # the ONE teacher-forced forward
 
         if model.training:
             self.record_losses(out, len(records))
