@@ -96,3 +96,47 @@ def test_nothing_supervised_gives_finite_zero_and_zero_grad():
 def test_position_supervised_twice_is_rejected():
     with pytest.raises(ValueError, match="both"):
         _losses(torch.randn(1, 1200), [5], [3], [0], 1)
+
+
+def _reference_losses(logits, ce, cb, idx, n, coord_ids):
+    """Plain-autograd reference of teacher_forced_losses' loss (per-sample normalisation, unit weights)."""
+    from src.losses.coord import coord_loss_terms, weighted_coord_loss
+
+    lse = torch.logsumexp(logits.float(), -1)
+    per = torch.zeros(n)
+    ce_m, c_m = ce >= 0, cb >= 0
+    ce_tok = lse[ce_m] - logits[ce_m].gather(1, ce[ce_m][:, None]).squeeze(1)
+    z = logits[c_m][:, coord_ids]
+    c_tok = weighted_coord_loss(coord_loss_terms(z, lse[c_m], cb[c_m]))
+    for s in range(n):
+        a, b = ce_tok[idx[ce_m] == s], c_tok[idx[c_m] == s]
+        per[s] = (a.mean() if a.numel() else 0) + (b.mean() if b.numel() else 0)
+    return per.sum() / n
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300, 600])  # 300/600 span several VocabTerms row chunks
+def test_vocab_terms_gradients_equal_plain_autograd(rows):
+    g = torch.Generator().manual_seed(rows)
+    V, n = 1300, 3
+    coord_ids = torch.arange(250, 1250)
+    logits = (torch.randn(rows, V, generator=g) * 4).requires_grad_(True)
+    is_coord = torch.rand(rows, generator=g) < 0.4
+    ce = torch.where(is_coord, torch.full((rows,), -100), torch.randint(0, V, (rows,), generator=g))
+    cb = torch.where(is_coord, torch.randint(0, 1000, (rows,), generator=g), torch.full((rows,), -1))
+    idx = torch.randint(0, n, (rows,), generator=g)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = _reference_losses(ref_logits, ce, cb, idx, n, coord_ids)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    for inp in (logits, logits * 1.0):  # a leaf (fresh gradient buffer) and an intermediate (buffer reused)
+        out = teacher_forced_losses(inp, ce, cb, torch.ones(rows, dtype=torch.long), idx, n, coord_ids)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_vocab_terms_backward_runs_once():
+    logits = torch.randn(3, 1200, requires_grad=True)
+    out = _losses(logits * 1.0, [5, -100, 7], [-1, 10, -1], [0, 0, 0], 1)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once|modified by an inplace operation"):  # never a silent wrong gradient
+        out.loss.backward()

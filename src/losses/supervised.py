@@ -80,6 +80,52 @@ def _checked_logits(logits: torch.Tensor, sample_idx: torch.Tensor, ce_mask: tor
     return logits.float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
 
 
+ROW_CHUNK = 256  # rows of [N, V] processed at once inside VocabTerms (bounds the fp32 temporaries)
+
+
+class VocabTerms(torch.autograd.Function):
+    """The full-vocabulary part of the loss, memory-lean.
+
+    forward(logits [N, V], ce_rows [n_ce], ce_targets [n_ce], coord_rows [n_coord], coord_ids [1000])
+        -> lse [N] (fp32 logsumexp over the full vocabulary), target_logit [n_ce], z [n_coord, 1000]
+    Plain autograd would keep a temporary per term and sum three [N, V] gradients; here the backward turns
+    the saved logits buffer itself into the gradient (softmax * g_lse, then + g_target at the CE targets and
+    + g_z on the coord slice), so the whole loss adds about one [N, V] buffer to the logits. When the logits
+    are an intermediate (the model's output) they are therefore overwritten by backward, which can then run
+    only once; a leaf tensor gets a fresh gradient buffer. Gradients equal plain autograd's (tested)."""
+
+    @staticmethod
+    def forward(ctx, logits, ce_rows, ce_targets, coord_rows, coord_ids):
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for a in range(0, logits.shape[0], ROW_CHUNK):
+            lse[a : a + ROW_CHUNK] = torch.logsumexp(logits[a : a + ROW_CHUNK].float(), dim=-1)
+        target_logit = logits[ce_rows, ce_targets].float()
+        z = logits[coord_rows[:, None], coord_ids[None, :]]
+        ctx.save_for_backward(logits, lse, ce_rows, ce_targets, coord_rows, coord_ids)
+        ctx.reuse_logits = not logits.is_leaf  # an intermediate (model output): its buffer can hold the gradient
+        return lse, target_logit, z
+
+    @staticmethod
+    def backward(ctx, g_lse, g_target, g_z):
+        logits, lse, ce_rows, ce_targets, coord_rows, coord_ids = ctx.saved_tensors
+        if getattr(ctx, "logits_consumed", False):
+            raise RuntimeError("VocabTerms.backward reuses the logits buffer for the gradient: backward can run only once (no retain_graph)")
+        # The logits are not needed after this point (the lm_head backward needs its input, not its
+        # output), so an intermediate logits buffer becomes the gradient: no second [N, V] allocation.
+        # A leaf tensor (a caller's own) is never overwritten.
+        ctx.logits_consumed = ctx.reuse_logits
+        grad = logits if ctx.reuse_logits else torch.empty_like(logits)
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+        for a in range(0, logits.shape[0], ROW_CHUNK):
+            b = slice(a, a + ROW_CHUNK)
+            grad[b] = (logits[b].float() - lse[b, None]).exp_().mul_(g_lse[b, None])
+        if g_target is not None and ce_rows.numel():
+            grad.index_put_((ce_rows, ce_targets), g_target.to(grad.dtype), accumulate=True)
+        if g_z is not None and coord_rows.numel():
+            grad.index_put_((coord_rows[:, None], coord_ids[None, :]), g_z.to(grad.dtype), accumulate=True)
+        return grad, None, None, None, None
+
+
 def teacher_forced_losses(
     logits: torch.Tensor,
     ce_targets: torch.Tensor,
@@ -116,16 +162,14 @@ def teacher_forced_losses(
         raise ValueError("a position is supervised both by CE and by the coord loss")
 
     logits = _checked_logits(logits, sample_idx, ce_mask, coord_mask)
-    # One pass over the [N, V] logits: the full-vocab logsumexp serves both the CE (lse - logit of the
-    # target) and the coord gate; everything else touches only [N] or [N, 1000] slices.
-    lse = torch.logsumexp(logits.float(), dim=-1)  # [N]
+    # The only [N, V] work: full-vocab logsumexp, the CE target logits and the [n_coord, 1000] coord slice,
+    # in one autograd node that keeps the logits and writes ONE gradient buffer (see VocabTerms).
     ce_rows = ce_mask.nonzero(as_tuple=True)[0]
-    target_logit = logits.gather(1, ce_targets.clamp_min(0)[:, None]).squeeze(1).float()  # [N]
-    ce_tok = (lse - target_logit).index_select(0, ce_rows)  # [n_ce]
+    coord_rows = coord_mask.nonzero(as_tuple=True)[0]
+    lse, target_logit, z = VocabTerms.apply(logits, ce_rows, ce_targets.index_select(0, ce_rows), coord_rows, coord_ids)
+    ce_tok = lse.index_select(0, ce_rows) - target_logit  # [n_ce]
     ce_per_sample = _segment_mean(ce_tok, sample_idx.index_select(0, ce_rows), num_samples)
 
-    coord_rows = coord_mask.nonzero(as_tuple=True)[0]
-    z = logits.index_select(1, coord_ids).index_select(0, coord_rows)  # [n_coord, 1000]
     full_lse = lse.index_select(0, coord_rows)  # [n_coord]
     bins = coord_bins.index_select(0, coord_rows)
     terms = coord_loss_terms(z, full_lse, bins, sigma=target_sigma, truncate=target_truncate, temperature=temperature)
