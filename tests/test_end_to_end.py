@@ -122,3 +122,36 @@ def test_stage2_with_lora_and_gradient_checkpointing_saves_a_loadable_merged_mod
 
     model, processor = load_model_and_processor(out / "merged")
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+UNEVEN_LAUNCHER = '''
+import dataclasses, os, sys
+sys.path.insert(0, {root!r})
+import src.trainers.rollout as rollout
+
+_init = rollout.HFRolloutBackend.__init__
+
+def _uneven_init(self, settings, *args, **kwargs):
+    # rank 0 stops after 2 new tokens, rank 1 generates 60: very different rollout and Y_train lengths
+    n = 2 if int(os.environ.get("RANK", "0")) == 0 else 60
+    _init(self, dataclasses.replace(settings, max_new_tokens=n), *args, **kwargs)
+
+rollout.HFRolloutBackend.__init__ = _uneven_init
+from src.sft import main
+raise SystemExit(main(sys.argv[1:]))
+'''
+
+
+def test_torchrun_ranks_with_very_different_rollout_lengths(assets):
+    """Rank 0 generates 2 tokens per rollout, rank 1 60 (and half the images have no GT): every step and
+    the evaluation must complete on both ranks (a collective issued out of order would hang -> timeout)."""
+    cfg, out = write_config(assets, "ddp_uneven", "rollout_matching_sft", {"training": {"per_device_train_batch_size": 1, "max_steps": 3}})
+    launcher = assets["root"] / "uneven_launcher.py"
+    launcher.write_text(UNEVEN_LAUNCHER.format(root=str(ROOT)))
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(launcher), "--config", str(cfg)], timeout=600)
+    logs = train_logs(out)
+    assert len(logs) == 3 and all(h["rollout/samples"] == 2 for h in logs)
+    # mean new tokens over both ranks: (2 + 60) / 2 when neither row ended early
+    assert any(h["rollout/new_tokens_mean"] > 20 for h in logs)
+    assert any(h["rollout/hit_max_new_tokens"] >= 1 for h in logs)

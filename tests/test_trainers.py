@@ -289,3 +289,35 @@ def test_repeat_guard_with_beam_is_refused(tiny_model_dirs, shapes_dir, tmp_path
     with pytest.raises(ConfigError, match="repeat_guard"):
         make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path, custom={"extra": {"rollout_matching": {
             "decode_mode": "beam", "num_beams": 2, "repeat_guard": {"enabled": True}}}})
+
+
+def test_long_rollout_at_the_cap_trains_with_selective_logits_and_is_counted(tiny_model_dirs, shapes_dir, tmp_path):
+    """A rollout of thousands of tokens cut by max_new_tokens: counted as hit-the-cap and truncated (not an
+    error), its complete objects kept, and logits computed only at the supervised positions."""
+    from src.data.objects import DetObject
+    from src.data.serialize import serialize_objects
+    from src.trainers.rollout import Rollout
+
+    cap = 3000
+    cfg = make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path, custom={"extra": {"rollout_matching": {"max_new_tokens": cap}}})
+    tr = make_trainer(cfg)
+    recs = records(shapes_dir, 1)
+    inputs = stage2_inputs(tr, recs)
+    objs = [DetObject(f"shape {i % 7}", "bbox_2d", (i % 900, (7 * i) % 900, i % 900 + 40, (7 * i) % 900 + 60)) for i in range(200)]
+    long_ids = tr.table.encode(serialize_objects(objs))[:cap]
+    tr.rollout_backend.generate = lambda model, prompts, synced_gpus=False: [Rollout(p, list(long_ids), hit_max_new_tokens=True) for p in prompts]
+    rows = []
+    handle = tr.model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape))
+    try:
+        tr.model.train()
+        loss = tr.compute_loss(tr.model, inputs)
+        loss.backward()
+    finally:
+        handle.remove()
+    s = tr.step_metrics.reduce()
+    assert torch.isfinite(loss)
+    assert s["rollout/hit_max_new_tokens"] == 1 and s["rollout/parse_truncated"] == 1
+    assert s["rollout/valid_pred_objects"] > 50
+    (shape,) = rows
+    supervised = s["ce_count"] + s["coord_count"]
+    assert shape[0] == supervised and supervised < 0.2 * cap  # logits only where supervised, not over ~3,000 positions
