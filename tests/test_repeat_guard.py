@@ -64,3 +64,19 @@ def test_stopping_criteria_per_row_and_ignores_finished_rows(token_table):
         if done[0]:
             break
     assert done.tolist() == [True, False] and crit.stopped_rows == {0}
+
+
+def test_multi_object_cycle_stops_at_the_second_consecutive_repeat(token_table):
+    a, b, c = box(1), box(2, "blue"), box(3, "green")
+    ids = token_table.encode(serialize_objects([box(10), a, b, c] + [a, b, c] * 30))
+    used, reason = feed(token_table, ids, GuardSettings())
+    assert reason == "duplicate_run"
+    parsed = parse_rollout(ids[:used], token_table)
+    assert [o.bins for o in parsed.objects] == [o.bins for o in (box(10), a, b, c, a, b)]  # stopped after "a b" repeated
+
+
+def test_one_stray_duplicate_is_tolerated(token_table):
+    objs = [box(i, f"shape {i % 3}") for i in range(30)]
+    objs.insert(12, objs[4])  # one exact duplicate in an otherwise clean answer
+    ids = token_table.encode(serialize_objects(objs)) + [token_table.im_end_id]
+    assert feed(token_table, ids, GuardSettings()) == (len(ids), None)

@@ -257,8 +257,10 @@ def check_combinations(cfg: Config) -> None:
     g = rm.repeat_guard
     if g.enabled and rm.decode_mode == "beam":
         raise ConfigError("custom.extra.rollout_matching.repeat_guard.enabled: not available with decode_mode: beam (beams are reordered every step); use greedy or sample")
-    if g.ngram_size < 1 or g.ngram_max_repeats < 2 or g.max_duplicate_objects < 1 or (g.max_objects is not None and g.max_objects < 1):
-        raise ConfigError("custom.extra.rollout_matching.repeat_guard: ngram_size >= 1, ngram_max_repeats >= 2, max_duplicate_objects >= 1, max_objects >= 1 or null")
+    if (g.ngram_size < 1 or g.ngram_max_repeats < 2 or g.max_duplicate_objects < 1 or g.max_consecutive_duplicates < 1
+            or (g.max_objects is not None and g.max_objects < 1)):
+        raise ConfigError("custom.extra.rollout_matching.repeat_guard: ngram_size >= 1, ngram_max_repeats >= 2, max_duplicate_objects >= 1, "
+                          "max_consecutive_duplicates >= 1, max_objects >= 1 or null")
     c = cfg.custom.coord_soft_ce_w1
     if c.target_sigma <= 0 or c.temperature <= 0:
         raise ConfigError("custom.coord_soft_ce_w1.target_sigma: target_sigma and temperature must be > 0")

@@ -97,6 +97,7 @@ class RepeatGuardConfig:
     enabled: bool = opt(False, "Stop generation early on degenerate loops (stopping criteria; counted).")
     max_objects: int | None = opt(None, "Stop after this many object entries (None = no limit).")
     max_duplicate_objects: int = opt(2, "Stop when one identical object (same desc and coords) has appeared this many extra times.")
+    max_consecutive_duplicates: int = opt(2, "Stop when this many objects in a row each repeat an earlier object (a loop over several objects; one stray duplicate is tolerated).")
     ngram_size: int = opt(64, "Token n-gram length for the loop detector (long enough to span two objects, so clean dense answers with repeated descs never trigger it).")
     ngram_max_repeats: int = opt(4, "Stop when the last n-gram has occurred this many times in the response.")
 

@@ -6,7 +6,9 @@ keeps them and the missing GT objects are appended anyway. The guard stops a row
 
 * ``max_objects`` object entries have completed (when set),
 * one identical object value (same bytes: desc and coords) has completed ``max_duplicate_objects``
-  extra times, or
+  extra times,
+* ``max_consecutive_duplicates`` objects in a row each repeat an earlier object (a loop over several
+  objects, e.g. A B C A B; a single stray duplicate is tolerated), or
 * the last ``ngram_size`` tokens have occurred ``ngram_max_repeats`` times in the response.
 
 ``RowGuard`` is incremental: O(piece bytes) per token, O(1) n-gram bookkeeping (rolling hash-free tuple
@@ -27,11 +29,12 @@ class GuardSettings:
     max_duplicate_objects: int = 2
     ngram_size: int = 64
     ngram_max_repeats: int = 4
+    max_consecutive_duplicates: int = 2
 
     @classmethod
     def from_config(cls, g) -> "GuardSettings":
         """From a :class:`src.config.schema.RepeatGuardConfig`."""
-        return cls(g.max_objects, g.max_duplicate_objects, g.ngram_size, g.ngram_max_repeats)
+        return cls(g.max_objects, g.max_duplicate_objects, g.ngram_size, g.ngram_max_repeats, g.max_consecutive_duplicates)
 
 
 class RowGuard:
@@ -44,6 +47,7 @@ class RowGuard:
         self.ngrams: dict[tuple[int, ...], int] = defaultdict(int)
         self.objects = 0
         self.seen_objects: dict[bytes, int] = defaultdict(int)
+        self.duplicate_run = 0
         self.depth = 0
         self.in_str = False
         self.esc = False
@@ -94,6 +98,10 @@ class RowGuard:
         self.seen_objects[value] += 1
         if self.seen_objects[value] > self.s.max_duplicate_objects:
             self.reason = "duplicate_object"
+            return True
+        self.duplicate_run = self.duplicate_run + 1 if self.seen_objects[value] > 1 else 0
+        if self.duplicate_run >= self.s.max_consecutive_duplicates:
+            self.reason = "duplicate_run"
             return True
         if self.s.max_objects is not None and self.objects >= self.s.max_objects:
             self.reason = "max_objects"
