@@ -20,6 +20,7 @@ from pathlib import Path
 from src.config.loader import ConfigError, gradient_accumulation_for, load_config, to_dict
 from src.config.schema import Config
 from src.data.contract import DataError, load_jsonl
+from src.models.loading import ModelLoadError
 from src.utils.runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
@@ -94,17 +95,10 @@ def check_images_open(records) -> None:
     """Open every record's image header once (cheap: no pixel decoding), so a missing or unreadable
     file is refused before any model loads, naming the JSONL file:line. Images that break later (during
     training) still surface as a one-line DataError from the collator."""
-    from PIL import Image, UnidentifiedImageError
+    from src.trainers.encoding import load_image
 
     for r in records:
-        try:
-            with Image.open(r.image) as im:
-                im.size  # noqa: B018 - the header is parsed by open()
-        except FileNotFoundError:
-            raise DataError(f"{r.source}: image file not found: {r.image}") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{r.source}: cannot read image {r.image} ({msg}); replace the file or remove the line") from None
+        load_image(r.image, r.source, header_only=True)
 
 
 def load_records(cfg: Config):
@@ -181,7 +175,6 @@ def run(cfg: Config) -> dict:
         write_run_files(cfg, out)
     result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model()  # model + processor (processing_class): the directory is itself loadable
-    trainer.save_state()  # trainer_state.json with log_history
     summary = {"train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1), "global_step": trainer.state.global_step}
     if trainer.eval_dataset is not None:
         summary.update({k: round(v, 4) for k, v in trainer.evaluate().items()})
@@ -198,7 +191,7 @@ def run(cfg: Config) -> dict:
         summary["merged_model_dir"] = str(save_merged_lora(trainer, out / "merged"))
     summary["wall_s"] = round(time.time() - t0, 1)
     if trainer.is_world_process_zero():
-        trainer.save_state()  # again, so log_history holds the final evaluation
+        trainer.save_state()  # trainer_state.json; its log_history includes the final evaluation
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"[done] {cfg.custom.trainer_variant} -> {out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     return summary
@@ -219,14 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
             return 0
         run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as e:  # model-loading errors carry their own one-line message
-        if type(e).__name__ == "ModelLoadError":
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
     return 0
 
 

@@ -30,7 +30,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from src.data.objects import DetObject
-from src.data.serialize import serialize_objects
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.parser import parse_rollout, prefix_text
 from src.rollout_matching.targets import build_train_target

@@ -7,9 +7,9 @@ take only ``image_processor`` + ``tokenizer`` and always use the PIL image proce
 machines with and without torchvision. They round-trip ``save_pretrained`` / ``from_pretrained``
 (load with the subclass, or with :func:`load_processor`, which picks it from the saved files).
 
-:func:`encode_prompts` is what rollout generation and the collators call: one image per sample,
-left padding, and ``mm_token_type_ids`` padded like ``input_ids`` (Qwen-VL needs it for correct
-3-D rope positions under left padding).
+:func:`encode_prompts` builds a left-padded batch with ``mm_token_type_ids`` padded like ``input_ids``
+(Qwen-VL needs it for correct 3-D rope positions under left padding), through the same per-sample
+encoding the rollouts and collators use (``src.trainers.encoding``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def num_image_tokens(processor, image_grid_thw: torch.Tensor) -> torch.Tensor:
 
 
 def encode_prompts(processor, images: Sequence, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
-    """Encode one image per sample with its prompt into a LEFT-padded batch.
+    """Encode one image per sample with its prompt into a LEFT-padded batch (a convenience over the
+    training path's :func:`src.trainers.encoding.encode_prompt` + :func:`~src.trainers.encoding.left_padded_prompts`).
 
     ``prompt`` is one rendered chat prompt (``src.data.prompt.prompt_text``) shared by all samples, or
     one per sample; each must hold exactly one image placeholder, which the processor expands to the
@@ -141,20 +142,11 @@ def encode_prompts(processor, images: Sequence, prompt: str | Sequence[str]) -> 
         pixel_values: ``[P, C*T*patch*patch]`` float32, images concatenated;
         image_grid_thw: ``[B, 3]`` int64 (t, h, w in patches).
     """
+    from src.trainers.encoding import encode_prompt, left_padded_prompts
+
     images = list(images)
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if not images or len(prompts) != len(images):
         raise ValueError(f"need one prompt per image and at least one image: {len(prompts)} prompts, {len(images)} images")
-    for i, text in enumerate(prompts):
-        if (n := text.count(processor.image_token)) != 1:
-            raise ValueError(f"prompt {i} has {n} {processor.image_token} placeholders, expected exactly 1")
-    batch = processor(
-        images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt",
-        return_mm_token_type_ids=True,
-    )
-    out = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
-    found = (out["input_ids"] == processor.image_token_id).sum(-1)
-    expected = num_image_tokens(processor, out["image_grid_thw"])
-    if not torch.equal(found, expected) or not torch.equal(out["mm_token_type_ids"].sum(-1), expected):
-        raise AssertionError(f"image placeholders expanded to {found.tolist()} tokens, expected {expected.tolist()}")
-    return out
+    encoded = [encode_prompt(processor, image, text) for image, text in zip(images, prompts)]
+    return left_padded_prompts(encoded, processor.tokenizer.pad_token_id)

@@ -21,10 +21,9 @@ import base64
 import os
 from pathlib import Path
 
+from src.data.coords import NUM_BINS, coord_token
 from src.rollout_matching.tokens import bytes_to_unicode
 
-COORD_BINS = 1000
-COORD_TOKEN_FMT = "<|coord_{}|>"
 
 # Special tokens in id order starting at 151643 (Qwen2/2.5/3-VL). The first 14 are "special".
 QWEN_SPECIAL_TOKENS = [
@@ -55,14 +54,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def coord_token(k: int) -> str:
-    """The coord token string for bin ``k`` (0..999)."""
-    return COORD_TOKEN_FMT.format(k)
-
-
 def coord_tokens() -> list[str]:
     """All coord tokens in bin order."""
-    return [coord_token(k) for k in range(COORD_BINS)]
+    return [coord_token(k) for k in range(NUM_BINS)]
 
 
 def tiktoken_file() -> Path:
@@ -153,8 +147,8 @@ def add_coord_tokens(tokenizer) -> int:
     missing = [t for t in coord_tokens() if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if not missing:
         return 0
-    if len(missing) != COORD_BINS:
-        raise ValueError(f"tokenizer has {COORD_BINS - len(missing)} of the {COORD_BINS} coord tokens; refusing to add a partial set")
+    if len(missing) != NUM_BINS:
+        raise ValueError(f"tokenizer has {NUM_BINS - len(missing)} of the {NUM_BINS} coord tokens; refusing to add a partial set")
     return tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
 
 

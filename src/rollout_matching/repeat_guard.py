@@ -34,7 +34,7 @@ class GuardSettings:
     @classmethod
     def from_config(cls, g) -> "GuardSettings":
         """From a :class:`src.config.schema.RepeatGuardConfig`."""
-        return cls(g.max_objects, g.max_duplicate_objects, g.ngram_size, g.ngram_max_repeats, g.max_consecutive_duplicates)
+        return cls(**{k: getattr(g, k) for k in cls.__dataclass_fields__})
 
 
 class RowGuard:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from src.data.coords import NUM_BINS
+from src.data.coords import NUM_BINS, parse_coord_token
 
 COORD_PREFIX = "<|coord_"
 IM_END = "<|im_end|>"
@@ -80,11 +80,11 @@ class TokenTable:
         coord_bin = np.full(len(pieces), -1, dtype=np.int32)
         coord_ids = np.full(NUM_BINS, -1, dtype=np.int64)
         for i, p in enumerate(pieces):
-            if p.startswith(b"<|coord_") and p.endswith(b"|>"):
-                digits = p[8:-2]
-                if digits.isdigit() and (len(digits) == 1 or digits[:1] != b"0") and int(digits) < NUM_BINS:
-                    coord_bin[i] = int(digits)
-                    coord_ids[int(digits)] = i
+            if p.startswith(b"<|coord_"):
+                k = parse_coord_token(p.decode("utf-8", errors="replace"))
+                if k is not None:
+                    coord_bin[i] = k
+                    coord_ids[k] = i
         if (coord_ids < 0).any():
             missing = int(np.flatnonzero(coord_ids < 0)[0])
             raise ValueError(f"tokenizer lacks <|coord_{missing}|> (and maybe others); add the coord tokens first")

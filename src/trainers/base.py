@@ -146,6 +146,7 @@ class DetectionTrainer(Trainer):
         model = self.rollout_model()
         rm = self.run_config.rollout_matching
         counts = DetectionCounts()
+        prompt = prompt_text(self.processor)
         t0 = time.perf_counter()
         for start in range(0, per_rank, bs):
             idx = shard[start : start + bs]
@@ -153,7 +154,6 @@ class DetectionTrainer(Trainer):
             if real == 0:  # keep the number of generate calls equal on every rank (ZeRO-3 / FSDP)
                 idx = [0]
             records = [ds[i]["record"] for i in idx]
-            prompt = prompt_text(self.processor)
             prompts = [encode_prompt(self.processor, load_image(r.image, r.source), prompt) for r in records]
             rollouts = self.rollout_backend.generate(model, prompts, synced_gpus=self.synced_gpus())
             for rec, ro in list(zip(records, rollouts))[:real]:

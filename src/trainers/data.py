@@ -27,10 +27,6 @@ class RecordDataset(Dataset):
         return {"record": self.records[i], "index": i}
 
 
-def passthrough_collate(items: list[dict]) -> dict:
-    """Stage 2: the trainer needs the raw records (it encodes and rolls out itself)."""
-    return {"records": [it["record"] for it in items], "indices": [it["index"] for it in items]}
-
 
 class SFTCollator:
     """Stage 1: chat-encode image + prompt + canonical GT answer (SPEC §4-§5).

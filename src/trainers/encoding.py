@@ -34,27 +34,40 @@ class PromptEncoding:
         return hashlib.sha1(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
-def load_image(path: Path, source: str = ""):
-    """Open an image as RGB; a missing or unreadable file is a :class:`DataError` naming the record."""
+def load_image(path: Path, source: str = "", header_only: bool = False):
+    """Open an image as RGB (``header_only``: parse the header only and return None — a cheap check).
+    A missing or unreadable file is a :class:`DataError` naming the record."""
     from PIL import Image, UnidentifiedImageError
 
     where = f"{source}: " if source else ""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return None if header_only else im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{where}image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{where}cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{where}cannot read image {path} ({msg}); replace the file or remove the line") from None
 
 
 def encode_prompt(processor, image, prompt: str | None = None) -> PromptEncoding:
-    """Encode one image + the shared prompt (``src.data.prompt``) with the model's processor."""
+    """Encode one image + the shared prompt (``src.data.prompt``) with the model's processor.
+
+    The prompt must hold exactly one image placeholder; the processor must expand it to the image's
+    token count (``grid_thw.prod() // merge_size**2``), marked 1 in ``mm_token_type_ids``."""
+    from src.models.processor import num_image_tokens
+
     prompt = prompt if prompt is not None else prompt_text(processor)
+    if (n := prompt.count(processor.image_token)) != 1:
+        raise ValueError(f"the prompt has {n} {processor.image_token} placeholders, expected exactly 1")
     enc = processor(images=[image], text=[prompt], return_tensors="pt", return_mm_token_type_ids=True)
     ids = enc["input_ids"][0]
     mm = enc.get("mm_token_type_ids")
     mm = mm[0] if mm is not None else torch.zeros_like(ids)
+    expected = int(num_image_tokens(processor, enc["image_grid_thw"])[0])
+    found = int((ids == processor.image_token_id).sum())
+    if found != expected or int(mm.sum()) != expected:
+        raise RuntimeError(f"image placeholder expanded to {found} tokens ({int(mm.sum())} marked), expected {expected}")
     return PromptEncoding(
         input_ids=ids.to(torch.long), mm_token_type_ids=mm.to(torch.long),
         pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
