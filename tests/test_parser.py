@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from src.data.objects import DetObject
 from src.data.serialize import serialize_entry, serialize_objects
+from src.rollout_matching import parser as parser_module
 from src.rollout_matching.parser import ParsedObject, ParseResult, parse_rollout, prefix_text
 
 CAT = DetObject("cat", "bbox_2d", (10, 20, 300, 400))
@@ -90,6 +92,13 @@ def check_invariants(r: ParseResult, response, table) -> None:
     keys = [o.index for o in r.objects]
     if keys:
         assert r.max_object_index is not None and r.max_object_index >= max(keys)
+    assert parse_general(response, table) == r  # the canonical fast path changes nothing
+
+
+def parse_general(response, table) -> ParseResult:
+    """``parse_rollout`` with the canonical-entry fast path switched off: the general path only."""
+    with mock.patch.object(parser_module, "_CANON_ENTRY", re.compile(rb"(?!)")):  # a regex that never matches
+        return parse_rollout(response, table)
 
 
 def parse(table, response) -> ParseResult:

@@ -15,6 +15,11 @@ How it works (one pass, no per-call decoding):
 2. The tokens' UTF-8 pieces (from the :class:`TokenTable` cache) are joined into one byte buffer and
    lexed once (strings with their escapes, ``{}[]:,``, bare words) while tracking the bracket stack.
    Depth 1 (the top-level object) is checked strictly: ``key : value`` entries separated by ``,``.
+   Fast path: at a depth-1 key, an entry spelled exactly as the serializer writes it (SPEC §4:
+   ``"object_N": {"desc": "...", "bbox_2d": [...]}`` with ``": "`` / ``", "`` separators, a desc
+   without escapes) is read by one regex match and checked without the JSON decoder. Anything
+   else (other spacing, escapes, truncation, garbage) takes the general path below, which reaches
+   the same verdict on canonical entries (a property test runs both paths on fuzzed rollouts).
 3. When a depth-1 entry's value ``{...}`` closes, that ``}`` is a candidate cut, and an ``object_N``
    entry is validated: its exact value bytes must parse as one JSON object with exactly the keys
    ``desc`` (a string that is not blank, as in the data contract) and one of ``bbox_2d`` (4 values) /
@@ -45,8 +50,7 @@ from __future__ import annotations
 
 import json
 import re
-import weakref
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Sequence
@@ -74,6 +78,15 @@ _OBJECT_KEY = re.compile(rb'"object_([0-9]+)"')
 _JSON_SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
 _GEOMETRY_KEY = re.compile(rb'"(bbox_2d|poly)"[ \t\n\r]*:[ \t\n\r]*\[')
 _COORD_TEXT = tuple(coord_token(k) for k in range(NUM_BINS))
+# The canonical entry (SPEC §4 serializer output), whole: key digits, desc (no escapes, no control
+# characters), then a bbox array of exactly 4 or a poly array of >= 3 pairs, each value one coord text.
+_CANON_COORD = rb'"<\|coord_[0-9]+\|>"'
+_CANON_PAIR = rb"\[" + _CANON_COORD + rb", " + _CANON_COORD + rb"\]"
+_CANON_ENTRY = re.compile(
+    rb'[ \t\n\r]*"object_([0-9]+)": \{"desc": "([^"\\\x00-\x1f]*)", '
+    rb'(?:"bbox_2d": (\[(?:' + _CANON_COORD + rb", ){3}" + _CANON_COORD + rb"\])"
+    rb'|"poly": (\[(?:' + _CANON_PAIR + rb", ){2,}" + _CANON_PAIR + rb"\]))\}"
+)
 
 _LBRACE, _RBRACE, _LBRACKET, _RBRACKET, _COLON, _COMMA = b"{}[]:,"
 # Depth-1 states.
@@ -181,15 +194,6 @@ class _JsonObject:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_JsonObject)
-_COORD_BINS: "weakref.WeakKeyDictionary[TokenTable, dict[int, int]]" = weakref.WeakKeyDictionary()
-
-
-def _coord_bins(table: TokenTable) -> dict[int, int]:
-    """Coord-token id -> bin, built once per table (a dict lookup is the cheapest per-id check)."""
-    found = _COORD_BINS.get(table)
-    if found is None:
-        found = _COORD_BINS[table] = dict(zip(table.coord_ids.tolist(), range(NUM_BINS)))
-    return found
 
 
 def parse_rollout(response_ids: Sequence[int], table: TokenTable) -> ParseResult:
@@ -234,7 +238,10 @@ class _Scan:
 
     def __init__(self, buf: bytes, ids: list[int], starts: list[int], table: TokenTable):
         self.buf, self.ids, self.starts = buf, ids, starts
-        self.coord_of = _coord_bins(table)
+        self.coord_of = table.bin_by_id
+        self.coord_pos: list[int] | None = None  # positions of the coord-token ids (built on first use)
+        self.coord_starts: list[int] = []  # their first bytes, ascending
+        self.coord_bins: list[int] = []  # their bins
         self.entries: list[_Entry] = []
         self.cuts: list[int] = []  # byte offsets just after a complete depth-1 entry value '}'
         self.closed = False
@@ -259,6 +266,16 @@ class _Scan:
 
         while True:
             if len(stack) == 1:  # the top-level object: strict JSON grammar, lexeme by lexeme
+                if state == _KEY_OR_CLOSE or state == _KEY:
+                    m = _CANON_ENTRY.match(buf, pos)  # fast path: a canonical entry, whole
+                    if m is not None:
+                        pos = m.end()
+                        entry = _Entry(m.start(1) - len(b'"object_'), int(m.group(1)), end=pos)
+                        self.entries.append(entry)
+                        self.cuts.append(pos)
+                        entry.obj = self._canonical_object(m)
+                        state = _COMMA_OR_CLOSE
+                        continue
                 m = _LEX.match(buf, pos)
                 if m is None:
                     return  # only whitespace left: truncated
@@ -373,21 +390,54 @@ class _Scan:
             if len(values) < 3 or any(type(p) is not list or len(p) != 2 for p in values):
                 return None
             flat = [v for p in values for v in p]
-        # Capture by id: every coord-token id strictly between the array's '[' and ']'.
-        _, open_b, close_b = geom_span
-        starts, ids, coord_of = self.starts, self.ids, self.coord_of
-        first = bisect_right(starts, open_b)  # the token after the one holding '['
-        last = bisect_right(starts, close_b - 1) - 1  # the token holding ']'
-        positions = [t for t in range(first, last) if ids[t] in coord_of]
-        if len(positions) != len(flat):
+        captured = self._capture(geom_span[1], geom_span[2], len(flat))
+        if captured is None:
             return None
-        bins = [coord_of[ids[t]] for t in positions]
+        positions, bins = captured
         # Values 1:1 with captured tokens. With equal counts, each string (one coord text) holds exactly
         # one captured id, so the string is exactly that token: spelled-out coord texts never pass.
         if flat != [_COORD_TEXT[b] for b in bins]:
             return None
         index: int = entry.index  # type: ignore[assignment]  # only object_N entries are validated
         return ParsedObject(f"object_{index}", index, geometry, desc, tuple(bins), tuple(positions))
+
+    def _canonical_object(self, m: re.Match) -> ParsedObject | None:
+        """``_validate`` for a ``_CANON_ENTRY`` match: the regex already fixed the keys, the array
+        shapes and the value spelling, so only the desc text and the capture by id are left."""
+        try:
+            desc = m.group(2).decode("utf-8")  # no escapes: the JSON string value is its bytes
+        except UnicodeDecodeError:
+            return None
+        if not desc.strip():
+            return None
+        geometry, group = ("bbox_2d", 3) if m.group(3) is not None else ("poly", 4)
+        array = m.group(group)
+        captured = self._capture(m.start(group), m.end(group), array.count(b"<"))
+        if captured is None:
+            return None
+        positions, bins = captured
+        # No value-text check needed: every value is one coord text and '<' starts each, so a coord
+        # token (bytes '<|coord_k|>', no quote or bracket) can only sit inside a value, at most one per
+        # value, spanning it whole. Equal counts = each value IS one coord token's text.
+        index = int(m.group(1))
+        return ParsedObject(f"object_{index}", index, geometry, desc, tuple(bins), tuple(positions))
+
+    def _capture(self, open_b: int, close_b: int, count: int) -> tuple[list[int], list[int]] | None:
+        """Capture by id: the positions and bins of the coord-token ids strictly between the geometry
+        array's '[' (byte ``open_b``) and ']' (byte ``close_b - 1``); None unless there are ``count``.
+
+        A coord token's bytes hold no bracket, so "strictly between" = its first byte is in
+        (``open_b``, ``close_b``): two bisections over the coord tokens' first bytes."""
+        if self.coord_pos is None:
+            coord_of, starts = self.coord_of, self.starts
+            self.coord_pos = [t for t, i in enumerate(self.ids[: len(starts) - 1]) if i in coord_of]
+            self.coord_starts = [starts[t] for t in self.coord_pos]
+            self.coord_bins = [coord_of[self.ids[t]] for t in self.coord_pos]
+        lo = bisect_right(self.coord_starts, open_b)
+        hi = bisect_left(self.coord_starts, close_b)
+        if hi - lo != count:
+            return None
+        return self.coord_pos[lo:hi], self.coord_bins[lo:hi]
 
     def result(self, ids: list[int], pcs: list[bytes], starts: list[int], table: TokenTable,
                stopped_at_im_end: bool, num_tokens: int) -> ParseResult:

@@ -11,7 +11,7 @@ This module is duck-typed over a Hugging Face tokenizer (``convert_ids_to_tokens
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -52,6 +52,7 @@ class TokenTable:
         coord_ids: int64 [1000]; id of ``<|coord_k|>`` at index k.
         im_end_id: id of ``<|im_end|>`` (the chat end token = EOS of the assistant turn).
         encode: plain-text tokenization without special tokens added (coord tokens stay atomic).
+        bin_by_id: coord-token id -> bin (the cheapest per-id check in Python loops).
     """
 
     pieces: tuple[bytes, ...]
@@ -59,16 +60,22 @@ class TokenTable:
     coord_ids: np.ndarray
     im_end_id: int
     encode: Callable[[str], list[int]]
+    bin_by_id: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.bin_by_id:
+            ids = np.flatnonzero(self.coord_bin >= 0)
+            object.__setattr__(self, "bin_by_id", dict(zip(ids.tolist(), self.coord_bin[ids].tolist())))
 
     def piece(self, token_id: int) -> bytes:
         return self.pieces[token_id] if 0 <= token_id < len(self.pieces) else UNKNOWN_PIECE
 
     def is_coord(self, token_id: int) -> bool:
-        return 0 <= token_id < len(self.coord_bin) and self.coord_bin[token_id] >= 0
+        return token_id in self.bin_by_id
 
     def bin_of(self, token_id: int) -> int:
         """Bin of a coord token id; -1 for any other id."""
-        return int(self.coord_bin[token_id]) if 0 <= token_id < len(self.coord_bin) else -1
+        return self.bin_by_id.get(token_id, -1)
 
     def text(self, ids: Sequence[int]) -> str:
         """Decode ids to text exactly as the pieces concatenate (invalid UTF-8 replaced)."""
