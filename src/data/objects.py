@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from operator import itemgetter
+from typing import Literal, Sequence
 
 Geometry = Literal["bbox_2d", "poly"]
 GEOMETRIES: tuple[str, ...] = ("bbox_2d", "poly")
+
+# bbox (x1, y1, x2, y2) -> flat corners (x1,y1),(x2,y1),(x2,y2),(x1,y2), the order of DetObject.points()
+_BOX_CORNERS = itemgetter(0, 1, 2, 1, 2, 3, 0, 3)
 
 
 @dataclass(frozen=True)
@@ -30,3 +34,15 @@ class DetObject:
         """Axis-aligned bounding box ``(x1, y1, x2, y2)`` in bins."""
         xs, ys = self.bins[0::2], self.bins[1::2]
         return min(xs), min(ys), max(xs), max(ys)
+
+
+def flat_vertices(objs: Sequence[DetObject]) -> tuple[list[int], list[int]]:
+    """Every object's vertices (as :meth:`DetObject.points`), flattened: ``[x, y, x, y, ...]`` over all
+    objects, and each object's vertex count. One pass, no per-object lists (hot in matching and OT)."""
+    flat: list[int] = []
+    sizes: list[int] = []
+    for o in objs:
+        corners = _BOX_CORNERS(o.bins) if o.geometry == "bbox_2d" else o.bins
+        flat.extend(corners)
+        sizes.append(len(corners) // 2)
+    return flat, sizes

@@ -20,7 +20,6 @@ backends; nothing here raises on them.
 
 from __future__ import annotations
 
-from operator import itemgetter
 from typing import Literal, Sequence
 
 import numpy as np
@@ -28,15 +27,13 @@ import shapely
 from pycocotools import mask as coco_mask
 
 from src.data.coords import MAX_BIN
-from src.data.objects import DetObject
+from src.data.objects import DetObject, flat_vertices
 
 MaskIoUBackend = Literal["raster", "exact"]
 MASKIOU_BACKENDS: tuple[str, ...] = ("raster", "exact")
 MIN_MASKIOU_RESOLUTION = 16
 RASTER_CHUNK = 64  # predictions per pycocotools.iou call in mask_iou_pairs (bounds the wasted pair checks)
 
-# bbox (x1, y1, x2, y2) -> flat corners (x1,y1),(x2,y1),(x2,y2),(x1,y2), the order of DetObject.points()
-_BOX_CORNERS = itemgetter(0, 1, 2, 1, 2, 3, 0, 3)
 
 
 def object_boxes(objs: Sequence[DetObject]) -> np.ndarray:
@@ -171,13 +168,8 @@ def _check_backend(backend: str, resolution: int) -> None:
 
 def _vertices(objs: Sequence[DetObject]) -> tuple[np.ndarray, np.ndarray]:
     """Every object's polygon, stacked: vertices ``[V, 2]`` float64 clamped to [0, 999], counts ``[N]``."""
-    flat: list[int] = []
-    sizes = np.empty(len(objs), dtype=np.int64)
-    for n, o in enumerate(objs):
-        corners = _BOX_CORNERS(o.bins) if o.geometry == "bbox_2d" else o.bins
-        flat.extend(corners)
-        sizes[n] = len(corners) // 2
-    return np.clip(np.array(flat, dtype=np.float64).reshape(-1, 2), 0, MAX_BIN), sizes
+    flat, sizes = flat_vertices(objs)
+    return np.clip(np.array(flat, dtype=np.float64).reshape(-1, 2), 0, MAX_BIN), np.array(sizes, dtype=np.int64)
 
 
 def _raster_rles(objs: Sequence[DetObject], resolution: int) -> list[dict]:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from src.data.coords import MAX_BIN, fix_box_bins
-from src.data.objects import DetObject
+from src.data.objects import DetObject, flat_vertices
 
 OT_COSTS: tuple[str, ...] = ("l2", "l1")
 LINEAR_SAFE = 200.0  # max C / epsilon for the scaling-form iterations (exp(-200) ~ 1e-87: no underflow)
@@ -76,13 +76,14 @@ def prefix_targets_batch(
     ot_iters: int = 30,
 ) -> list[tuple[int, ...]]:
     """:func:`prefix_targets` for many matched ``(pred, gt)`` pairs, with ONE batched Sinkhorn."""
+    _check_ot_args(ot_cost, ot_epsilon, ot_iters)
     out: list[tuple[int, ...]] = [tuple(gt.bins) for _, gt in pairs]  # bbox <-> bbox: GT slot by slot
     ot_idx = [i for i, (p, g) in enumerate(pairs) if not (p.geometry == "bbox_2d" and g.geometry == "bbox_2d")]
-    proj, n_b = _project_batch(
-        [pairs[i][0].points() for i in ot_idx], [pairs[i][1].points() for i in ot_idx], ot_cost, ot_epsilon, ot_iters
-    )  # [B, n, 2], [B]
     if not ot_idx:
         return out
+    proj, n_b = _project_padded(
+        _pad_objects([pairs[i][0] for i in ot_idx]), _pad_objects([pairs[i][1] for i in ot_idx]), ot_cost, ot_epsilon, ot_iters
+    )  # [B, n, 2], [B]
     vertex_bins = _round_bins(proj)  # [B, n, 2] one target per poly coord token
     box_bins = _round_bins(np.concatenate([proj[:, :4].min(axis=1), proj[:, :4].max(axis=1)], axis=1))  # [B, 4]
     for b, i in enumerate(ot_idx):
@@ -102,16 +103,21 @@ def _project_batch(
     problems run as one padded batch: padding has zero marginal mass, so it never receives or sends
     transport.
     """
-    if cost not in OT_COSTS:
-        raise ValueError(f"ot_cost must be one of {OT_COSTS}, got {cost!r}")
-    _check_sinkhorn_args(epsilon, iters)
+    _check_ot_args(cost, epsilon, iters)
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} source sets but {len(targets)} target sets")
     if not sources:
         return np.zeros((0, 0, 2)), np.zeros(0, dtype=np.int64)
-    src, row_ok, n_b = _pad(sources)  # [B, n, 2], [B, n], [B]
-    tgt, col_ok, m_b = _pad(targets)  # [B, m, 2], [B, m], [B]
+    return _project_padded(_pad(sources), _pad(targets), cost, epsilon, iters)
 
+
+def _project_padded(
+    sources: tuple[np.ndarray, np.ndarray, np.ndarray], targets: tuple[np.ndarray, np.ndarray, np.ndarray],
+    cost: str, epsilon: float, iters: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_project_batch` on point sets already padded by :func:`_pad` / :func:`_pad_objects`."""
+    src, row_ok, n_b = sources  # [B, n, 2], [B, n], [B]
+    tgt, col_ok, m_b = targets  # [B, m, 2], [B, m], [B]
     diff = src[:, :, None, :] - tgt[:, None, :, :]  # [B, n, m, 2]
     c = np.sqrt((diff**2).sum(-1)) if cost == "l2" else np.abs(diff).sum(-1)  # [B, n, m]
     # padded entries get log-kernel 0; their -inf marginal (hence potential) keeps them out
@@ -140,6 +146,18 @@ def _pad(point_sets: Sequence[Sequence]) -> tuple[np.ndarray, np.ndarray, np.nda
     for b, p in enumerate(point_sets):
         out[b, : sizes[b]] = p
     return out, np.arange(out.shape[1])[None, :] < sizes[:, None], sizes
+
+
+def _pad_objects(objs: Sequence[DetObject]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_pad` of the objects' vertices (``DetObject.points``), built from one flat array."""
+    flat, sizes = flat_vertices(objs)
+    k_b = np.array(sizes, dtype=np.int64)  # [B]
+    if k_b.min() == 0:
+        raise ValueError("every point set needs at least one point")
+    ok = np.arange(int(k_b.max()))[None, :] < k_b[:, None]  # [B, K]
+    out = np.zeros(ok.shape + (2,))
+    out[ok] = np.array(flat, dtype=np.float64).reshape(-1, 2)  # row-major: object by object, in order
+    return out, ok, k_b
 
 
 def _sinkhorn_potentials(log_k: np.ndarray, log_a: np.ndarray, log_b: np.ndarray, iters: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,9 +190,9 @@ def _sinkhorn_scaling(log_k: np.ndarray, log_a: np.ndarray, log_b: np.ndarray, i
     a, b = np.exp(log_a), np.exp(log_b)  # [B, n], [B, m]
     u = np.ones(a.shape)
     v = (b > 0).astype(np.float64)
-    for _ in range(iters):
-        u = a / np.einsum("bij,bj->bi", kernel, v)  # [B, n]
-        v = b / np.einsum("bij,bi->bj", kernel, u)  # [B, m]
+    for _ in range(iters):  # batched matmul: ~2x faster than the equivalent einsum at these sizes
+        u = a / (kernel @ v[:, :, None])[:, :, 0]  # [B, n]
+        v = b / (u[:, None, :] @ kernel)[:, 0, :]  # [B, m]
     with np.errstate(divide="ignore"):  # padding: log(0) = -inf, as in the log domain
         return np.log(u), np.log(v)
 
@@ -182,6 +200,12 @@ def _sinkhorn_scaling(log_k: np.ndarray, log_a: np.ndarray, log_b: np.ndarray, i
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     mx = x.max(axis=axis, keepdims=True)
     return np.log(np.exp(x - mx).sum(axis=axis)) + np.squeeze(mx, axis=axis)
+
+
+def _check_ot_args(cost: str, epsilon: float, iters: int) -> None:
+    if cost not in OT_COSTS:
+        raise ValueError(f"ot_cost must be one of {OT_COSTS}, got {cost!r}")
+    _check_sinkhorn_args(epsilon, iters)
 
 
 def _check_sinkhorn_args(epsilon: float, iters: int) -> None:

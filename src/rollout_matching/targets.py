@@ -22,6 +22,7 @@ import json
 import unicodedata
 import random
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Literal, Sequence
 
 from src.data.objects import DetObject
@@ -135,12 +136,12 @@ def build_train_target(
         [(parsed.objects[i].to_det_object(), gts[j]) for i, j in match.matches], ot_cost=ot_cost, ot_epsilon=ot_epsilon, ot_iters=ot_iters
     )
     for (pred_i, gt_j), bins in zip(match.matches, all_bins):
-        obj = parsed.objects[pred_i]
-        if len(bins) != len(obj.coord_positions) or not all(isinstance(b, int) and 0 <= b <= 999 for b in bins):
+        positions = parsed.objects[pred_i].coord_positions
+        if len(bins) != len(positions) or set(map(type, bins)) != {int} or min(bins) < 0 or max(bins) > 999:
             failed_gt.append(gt_j)  # cannot build targets: no prefix loss, the GT object is appended
             continue
         supervised.append((pred_i, gt_j))
-        coord_targets.extend((pos, b, "prefix") for pos, b in zip(obj.coord_positions, bins))
+        coord_targets.extend(zip(positions, bins, repeat("prefix")))
 
     fn_idx = sorted(set(match.fn) | set(failed_gt))
     fn_gt = tuple(fn_idx[k] for k in order_indices([gts[j] for j in fn_idx], fn_ordering, rng))
@@ -155,13 +156,13 @@ def build_train_target(
     offset = 0
     spans = frag.desc_spans
     si = 0
+    piece, bin_by_id = table.piece, table.bin_by_id
     for k, tid in enumerate(frag_ids):
-        piece = table.piece(tid)
-        s, e = offset, offset + len(piece)
+        s, e = offset, offset + len(piece(tid))
         offset = e
         pos = P + k
-        b = table.bin_of(tid)
-        if b >= 0:
+        b = bin_by_id.get(tid)
+        if b is not None:
             coord_targets.append((pos, b, "tail"))
             continue
         while si < len(spans) and spans[si][1] <= s:
@@ -176,11 +177,13 @@ def build_train_target(
     if supervise_eos:
         ce_positions.append(len(y_ids) - 1)
 
-    for pos, b, seg in coord_targets:
-        if not 0 <= pos < len(y_ids) or table.bin_of(y_ids[pos]) < 0:
+    n_y = len(y_ids)
+    bad = [t for t in coord_targets if not 0 <= t[0] < n_y or y_ids[t[0]] not in bin_by_id or (t[2] == "prefix") != (t[0] < P)]
+    if bad:
+        pos, _, seg = bad[0]
+        if not 0 <= pos < n_y or y_ids[pos] not in bin_by_id:
             raise TargetError(f"coord target at {pos} ({seg}) is not a coord token of Y_train")
-        if (seg == "prefix") != (pos < P):
-            raise TargetError(f"{seg} coord target at {pos} on the wrong side of the prefix ({P})")
+        raise TargetError(f"{seg} coord target at {pos} on the wrong side of the prefix ({P})")
     if any(not P <= p < len(y_ids) for p in ce_positions):
         raise TargetError("CE position outside the tail")
     return TrainTarget(
