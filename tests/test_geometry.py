@@ -59,7 +59,9 @@ def test_centre_distance_hand_value():
     np.testing.assert_allclose(d, [[5.0, 0.0]])
 
 
-def test_overlapping_pairs_equals_positive_box_iou():
+@pytest.mark.parametrize("dense_max", [geometry.DENSE_PAIRS_MAX, 0], ids=["dense", "str-tree"])
+def test_overlapping_pairs_equals_positive_box_iou(monkeypatch, dense_max):
+    monkeypatch.setattr(geometry, "DENSE_PAIRS_MAX", dense_max)  # both branches give the same pairs
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 900, (40, 2))
     a = np.c_[xy, xy + rng.uniform(1, 150, (40, 2))]

@@ -54,6 +54,22 @@ def test_fragment_desc_spans_cover_exactly_the_value_characters():
 # ----------------------------------------------------------------------------- Y_train + masks
 
 
+@pytest.mark.parametrize("shift, message", [(-1, "is not a coord token"), (10_000, "is not a coord token")],
+                         ids=["off-by-one", "past the end"])
+def test_coord_target_invariants_are_enforced(token_table, shift, message):
+    """A (hypothetical) parser bug that puts coord positions off the coord tokens stops the build."""
+    import dataclasses
+
+    text = serialize_objects([GT[0]])
+    parsed = parse_rollout(token_table.encode(text), token_table)
+    m = match_objects([o.to_det_object() for o in parsed.objects], GT[:1])
+    assert m.matches == ((0, 0),)
+    bad = dataclasses.replace(parsed.objects[0], coord_positions=tuple(p + shift for p in parsed.objects[0].coord_positions))
+    with pytest.raises(TargetError, match=message):
+        build_train_target(dataclasses.replace(parsed, objects=(bad,)), GT[:1], m, token_table)
+
+
+
 def test_truncated_rollout_keeps_prefix_appends_fn_and_masks(token_table):
     pred = [DetObject("red square", "bbox_2d", (12, 11, 101, 99)), DetObject("ghost", "bbox_2d", (800, 800, 900, 900))]
     text = serialize_objects(pred)

@@ -152,6 +152,7 @@ def build_train_target(
     y_ids = prefix + frag_ids + [table.im_end_id]
 
     # Tail supervision from byte spans of the fragment's tokens (desc spans are sorted: one pointer).
+    num_prefix = len(coord_targets)
     ce_positions: list[int] = []
     offset = 0
     spans = frag.desc_spans
@@ -177,14 +178,20 @@ def build_train_target(
     if supervise_eos:
         ce_positions.append(len(y_ids) - 1)
 
+    # Invariants, checked with C-level min/max/set ops: every coord target sits on a coord token of
+    # Y_train, prefix targets (appended first) before P, tail targets after it.
+    positions = [t[0] for t in coord_targets]
     n_y = len(y_ids)
-    bad = [t for t in coord_targets if not 0 <= t[0] < n_y or y_ids[t[0]] not in bin_by_id or (t[2] == "prefix") != (t[0] < P)]
-    if bad:
-        pos, _, seg = bad[0]
-        if not 0 <= pos < n_y or y_ids[pos] not in bin_by_id:
-            raise TargetError(f"coord target at {pos} ({seg}) is not a coord token of Y_train")
-        raise TargetError(f"{seg} coord target at {pos} on the wrong side of the prefix ({P})")
-    if any(not P <= p < len(y_ids) for p in ce_positions):
+    if positions and (
+        min(positions) < 0 or max(positions) >= n_y or not bin_by_id.keys() >= {y_ids[p] for p in positions}
+        or max(positions[:num_prefix], default=-1) >= P or min(positions[num_prefix:], default=P) < P
+    ):
+        for pos, _, seg in coord_targets:
+            if not 0 <= pos < n_y or y_ids[pos] not in bin_by_id:
+                raise TargetError(f"coord target at {pos} ({seg}) is not a coord token of Y_train")
+            if (seg == "prefix") != (pos < P):
+                raise TargetError(f"{seg} coord target at {pos} on the wrong side of the prefix ({P})")
+    if ce_positions and (ce_positions[0] < P or ce_positions[-1] >= n_y):  # ascending by construction
         raise TargetError("CE position outside the tail")
     return TrainTarget(
         y_ids=tuple(y_ids), prefix_len=P, fragment=frag, ce_positions=tuple(ce_positions),
