@@ -198,12 +198,12 @@ def jitter(o, rng: random.Random):
     return DetObject(o.desc, o.geometry, b)
 
 
-def dense_sample(n: int, rng: random.Random, table) -> tuple[list[int], list]:
+def dense_sample(n: int, rng: random.Random, table, poly_frac: float = 0.4) -> tuple[list[int], list]:
     """``n`` GT objects and a rollout of ~1.3 n predictions: 90% of GT found (jittered), 15% of those
     twice (near-duplicates), hallucinations up to 1.3 n; shuffled, serialised, ended with <|im_end|>."""
     from src.data.serialize import serialize_objects
 
-    gts = [make_gt(rng) for _ in range(n)]
+    gts = [make_gt(rng, poly_frac) for _ in range(n)]
     preds = []
     for g in gts:
         if rng.random() < 0.9:
@@ -211,7 +211,7 @@ def dense_sample(n: int, rng: random.Random, table) -> tuple[list[int], list]:
             if rng.random() < 0.15:
                 preds.append(jitter(g, rng))
     while len(preds) < round(1.3 * n):
-        preds.append(make_gt(rng))
+        preds.append(make_gt(rng, poly_frac))
     rng.shuffle(preds)
     return table.encode(serialize_objects(preds)) + [table.im_end_id], gts
 
@@ -328,6 +328,23 @@ def bench_pipeline(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
         stage_txt = " / ".join(f"{k} {v:.1f}" for k, v in stages.items())
         figs.append(Figure("pipeline", f"{n} objects ({tokens:,.0f} tok; {stage_txt} ms)", mean_ms, "ms",
                            f"<= {goal:g} ms" if goal else "", (mean_ms <= goal) if goal else None))
+    # Boxes only (COCO / LVIS bbox annotations): box-box maskIoU needs no rasterisation (informational).
+    raw["boxes_only"] = {}
+    for n in (100, 300):
+        count = cfg["pipeline_sizes"].get(n)
+        if not count:
+            continue
+        rng = random.Random(n + 1)
+        samples = [dense_sample(n, rng, table, poly_frac=0.0) for _ in range(count)]
+        pipeline_one(*samples[0], table, rm, mk)  # warm-up
+        totals, matches = [], []
+        for ids, gts in samples:
+            runs = sorted((pipeline_one(ids, gts, table, rm, mk) for _ in range(reps)), key=sum)
+            totals.append(sum(runs[reps // 2]))
+            matches.append(runs[reps // 2][1])
+        mean_ms, match_ms = 1e3 * sum(totals) / count, 1e3 * sum(matches) / count
+        raw["boxes_only"][str(n)] = {"samples": count, "ms_per_sample": round(mean_ms, 3), "match_ms": round(match_ms, 3)}
+        figs.append(Figure("pipeline", f"{n} objects, boxes only (match {match_ms:.1f} ms)", mean_ms, "ms"))
     per_obj = {n: raw["sizes"][str(n)]["ms_per_object"] for n in cfg["pipeline_sizes"]}
     curve = ", ".join(f"{n}: {v:.3f}" for n, v in per_obj.items())
     hi = max(per_obj)  # the largest size measured

@@ -6,7 +6,11 @@ maskIoU treats each object as ONE polygon (a bbox is its 4 corners) and has two 
 
 - ``"raster"`` (default): vertices clamped to [0, 999], scaled by (R - 1) / 999 onto an R x R canvas
   (R = ``resolution``, default 256), rasterised to RLE with pycocotools (each object encoded once per
-  call) and intersected with ``pycocotools.mask.iou``.
+  call) and intersected with ``pycocotools.mask.iou``. A bbox rasterises to a pixel rectangle that
+  follows from pycocotools' polygon rule in closed form (:func:`raster_box_rects`, checked against
+  pycocotools for every bin value at 9 resolutions), so in :func:`mask_iou_pairs` a box-box pair gets
+  its maskIoU by rectangle arithmetic -- the same integer pixel counts, the same float64 value -- and
+  a box met only by boxes is never rasterised (bbox-only data skips pycocotools entirely).
   KNOWN LIMIT: one bin is (R - 1) / 999 pixels (0.255 at R = 256), so a shape narrower than ~4 bins
   covers less than one pixel and can rasterise to an EMPTY mask; its maskIoU is then 0 even against
   itself, so such tiny objects can never pass the gate. Use ``"exact"`` (or a larger R) when they matter.
@@ -125,7 +129,8 @@ def mask_iou_pairs(
 ) -> np.ndarray:
     """maskIoU ``[K]`` of the pairs ``(a[rows[k]], b[cols[k]])`` only; each object involved is encoded once.
 
-    Raster: pycocotools only offers IoU matrices, so the pairs are cut into chunks of ``RASTER_CHUNK``
+    Raster: box-box pairs in closed form (:func:`raster_box_rects`, bit-identical to pycocotools);
+    pycocotools only offers IoU matrices, so the other pairs are cut into chunks of ``RASTER_CHUNK``
     rows and each chunk gets one matrix over the columns it needs (pycocotools' own bounding-box check
     makes the extra cells cheap). Exact: the K pairs are intersected as one vectorised shapely call.
     """
@@ -139,6 +144,55 @@ def mask_iou_pairs(
     if backend == "exact":
         return _exact_iou(a, b, rows, cols)
 
+    box_a = np.array([o.geometry == "bbox_2d" for o in a], dtype=bool)  # [N]
+    box_b = np.array([o.geometry == "bbox_2d" for o in b], dtype=bool)  # [M]
+    both = box_a[rows] & box_b[cols]  # [K] box-box pairs: closed form
+    out = np.empty(rows.size)
+    if both.any():
+        ra, rb = rows[both], cols[both]
+        rects_a = raster_box_rects(np.array([a[i].bins for i in ra], dtype=np.float64).reshape(-1, 4), resolution)
+        rects_b = raster_box_rects(np.array([b[j].bins for j in rb], dtype=np.float64).reshape(-1, 4), resolution)
+        out[both] = _rect_iou(rects_a, rects_b)
+    rest = np.nonzero(~both)[0]  # [Kr] pairs with a polygon: pycocotools
+    if rest.size:
+        out[rest] = _raster_iou_pairs(a, b, rows[rest], cols[rest], resolution)
+    return out
+
+
+def raster_box_rects(boxes: np.ndarray, resolution: int) -> np.ndarray:
+    """The pixel rectangle ``[c0, r0, c1, r1)`` (int64 ``[N, 4]``, half-open; empty when c1 <= c0 or
+    r1 <= r0) that ``pycocotools`` rasterises each box ``(x1, y1, x2, y2)`` in bins to, exactly as the
+    raster backend encodes it (clamped, scaled by (R - 1) / 999, polygon corners).
+
+    pycocotools' ``rleFrPoly`` snaps each corner coordinate to ``X = floor(5 x + 0.5)`` (5x upsampling)
+    and keeps column ``c`` iff ``X1 <= 5 c + 2 <= X2 - 1`` (and 0 <= c < R); every kept column holds
+    rows ``ceil((Y1 - 2) / 5) .. ceil((Y2 - 2) / 5) - 1`` clamped to [0, R]. Same float64 operations
+    (multiply, then add), so the same snapped integers.
+    """
+    scaled = np.clip(boxes, 0, MAX_BIN) * ((resolution - 1) / MAX_BIN)  # [N, 4] as in _raster_rles
+    snapped = np.floor(5.0 * scaled + 0.5).astype(np.int64)  # [N, 4] X1, Y1, X2, Y2
+    c0 = np.maximum(-((2 - snapped[:, 0]) // 5), 0)  # ceil((X1 - 2) / 5)
+    c1 = np.minimum((snapped[:, 2] - 3) // 5, resolution - 1) + 1  # floor((X2 - 3) / 5) + 1
+    r0 = np.clip(-((2 - snapped[:, 1]) // 5), 0, resolution)  # ceil((Y1 - 2) / 5)
+    r1 = np.clip(-((2 - snapped[:, 3]) // 5), 0, resolution)  # ceil((Y2 - 2) / 5)
+    return np.stack([c0, r0, c1, r1], axis=1)
+
+
+def _rect_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise IoU ``[K]`` of pixel rectangles ``[K, 4]`` (c0, r0, c1, r1), from integer pixel
+    counts as ``pycocotools.mask.iou`` computes it (``inter / union``; 0 when they share no pixel)."""
+    area_a = np.maximum(a[:, 2] - a[:, 0], 0) * np.maximum(a[:, 3] - a[:, 1], 0)
+    area_b = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+    inter = np.maximum(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0) * np.maximum(
+        np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0
+    )
+    union = area_a + area_b - inter
+    return np.divide(inter.astype(np.float64), union.astype(np.float64), out=np.zeros(len(a)), where=inter > 0)
+
+
+def _raster_iou_pairs(a: Sequence[DetObject], b: Sequence[DetObject], rows: np.ndarray, cols: np.ndarray,
+                      resolution: int) -> np.ndarray:
+    """pycocotools maskIoU ``[K]`` of the pairs; each object involved is rasterised once."""
     used_a, rows_local = np.unique(rows, return_inverse=True)  # [Na], [K]
     used_b, cols_local = np.unique(cols, return_inverse=True)  # [Nb], [K]
     rles_a = _raster_rles([a[i] for i in used_a], resolution)
