@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from src.data.contract import DataError, load_jsonl
 from src.data.coords import bin_to_pixel, fix_box_bins, parse_coord_token, pixel_to_bin, pixels_to_bins
 from src.data.objects import DetObject
-from src.data.serialize import order_objects, serialize_entry, serialize_objects
+from src.data.serialize import SEPARATORS, object_value, order_objects, serialize_entry, serialize_objects
 
 
 # ------------------------------------------------------------------------------------ coords
@@ -68,6 +68,25 @@ def test_serializer_zero_objects_and_non_ascii_and_escapes():
     text = serialize_objects([DetObject('größe "x" 猫', "bbox_2d", (0, 0, 1, 1))])
     assert 'größe \\"x\\" 猫' in text  # ensure_ascii=False, quotes escaped
     assert json.loads(text)["object_1"]["desc"] == 'größe "x" 猫'
+
+
+@given(desc=st.text(min_size=1, max_size=12), bins=st.lists(st.integers(0, 999), min_size=3, max_size=20),
+       index=st.integers(1, 10**6), is_box=st.booleans())
+def test_serialize_entry_equals_the_json_dumps_reference(desc, bins, index, is_box):
+    """The assembled entry is byte-identical to json.dumps of the object value (the SPEC §4 definition),
+    for any desc (control characters, quotes, backslashes, non-BMP characters) and any bins."""
+    obj = DetObject(desc, "bbox_2d", tuple(bins[:4])) if is_box and len(bins) >= 4 else DetObject(desc, "poly", tuple(bins[: len(bins) // 2 * 2]))
+    reference = json.dumps(f"object_{index}") + ": " + json.dumps(object_value(obj), ensure_ascii=False, separators=SEPARATORS)
+    assert serialize_entry(index, obj) == reference
+
+
+def test_serialize_entry_rejects_bad_bins():
+    with pytest.raises(ValueError, match="bin 1000"):
+        serialize_entry(1, DetObject("a", "bbox_2d", (1, 2, 1000, 4)))
+    with pytest.raises(ValueError, match="bin -1"):
+        serialize_entry(1, DetObject("a", "poly", (1, 2, -1, 4, 5, 6)))
+    with pytest.raises(ValueError, match="even number"):
+        serialize_entry(1, DetObject("a", "poly", (1, 2, 3, 4, 5)))
 
 
 def test_entry_numbering_matches_whole_object():

@@ -13,10 +13,12 @@ import json
 import random
 from typing import Sequence
 
-from src.data.coords import coord_token
+from src.data.coords import MAX_BIN, NUM_BINS, coord_token
 from src.data.objects import DetObject
 
 SEPARATORS = (", ", ": ")
+json_string = json.JSONEncoder(ensure_ascii=False).encode  # str -> its JSON literal, as json.dumps(s, ensure_ascii=False)
+_QUOTED_COORD = tuple(json.dumps(coord_token(k)) for k in range(NUM_BINS))  # '"<|coord_k|>"'
 
 
 def object_value(obj: DetObject) -> dict:
@@ -30,8 +32,21 @@ def object_value(obj: DetObject) -> dict:
 
 
 def serialize_entry(index: int, obj: DetObject) -> str:
-    """``"object_{index}": {...}`` exactly as it appears inside the canonical object."""
-    return json.dumps(f"object_{index}") + ": " + json.dumps(object_value(obj), ensure_ascii=False, separators=SEPARATORS)
+    """``"object_{index}": {...}`` exactly as it appears inside the canonical object: the bytes of
+    ``json.dumps(f"object_{index}") + ": " + json.dumps(object_value(obj), ensure_ascii=False,
+    separators=SEPARATORS)`` (a test keeps them equal), assembled from pre-quoted coord strings
+    (~8x faster; it builds every stage-1 target and every stage-2 FN tail)."""
+    bins = obj.bins
+    if not bins or min(bins) < 0 or max(bins) > MAX_BIN:
+        coord_token(next((k for k in bins if not 0 <= k <= MAX_BIN), -1))  # raises naming the bad bin
+    quoted = [_QUOTED_COORD[k] for k in bins]
+    if obj.geometry == "bbox_2d":
+        geom = ", ".join(quoted)
+    else:
+        if len(quoted) % 2:
+            raise ValueError(f"a poly needs an even number of coords, got {len(quoted)}")
+        geom = ", ".join(f"[{x}, {y}]" for x, y in zip(quoted[0::2], quoted[1::2]))
+    return f'"object_{index}": {{"desc": {json_string(obj.desc)}, {json.dumps(obj.geometry)}: [{geom}]}}'
 
 
 def serialize_objects(objects: Sequence[DetObject], start_index: int = 1) -> str:

@@ -18,7 +18,6 @@ length. Nothing here imports transformers.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 import random
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from itertools import repeat
 from typing import Literal, Sequence
 
 from src.data.objects import DetObject
-from src.data.serialize import SEPARATORS, object_value, order_indices
+from src.data.serialize import json_string, order_indices, serialize_entry
 from src.rollout_matching.matcher import MatchResult
 from src.rollout_matching.ot import prefix_targets_batch
 from src.rollout_matching.parser import ParseResult
@@ -99,12 +98,11 @@ def build_fragment(prefix_text: str, fn_objects: Sequence[DetObject], first_inde
         if i:
             parts.append(", ")
             pos += 2
-        head = json.dumps(f"object_{first_index + i}") + ": " + '{"desc": '
-        desc = json.dumps(obj.desc, ensure_ascii=False)
-        value = json.dumps(object_value(obj), ensure_ascii=False, separators=SEPARATORS)
-        entry = json.dumps(f"object_{first_index + i}") + ": " + value
-        if not value.startswith('{"desc": ' + desc):
-            raise TargetError("object_value must serialise desc first")
+        head = f'"object_{first_index + i}": {{"desc": '
+        desc = json_string(obj.desc)
+        entry = serialize_entry(first_index + i, obj)
+        if not entry.startswith(head + desc):
+            raise TargetError("serialize_entry must serialise desc first")
         start = pos + len(head.encode()) + 1  # after the opening quote
         spans.append((start, start + len(desc.encode()) - 2))  # the characters between the quotes
         parts.append(entry)
