@@ -197,3 +197,43 @@ def test_non_nfc_desc_is_appended_in_nfc_so_tokens_round_trip(token_table):
     parsed, m, tt = run(token_table, "", gts)
     doc = json.loads(token_table.text(tt.y_ids)[: -len("<|im_end|>")])
     assert [v["desc"] for v in doc.values()] == [unicodedata.normalize("NFC", g.desc) for g in gts]
+
+
+# ------------------------------------------------------------------- segment-cached fragment encoding
+
+DESC_ALPHABET = st.sampled_from(list('ab z\u00e9\u732b"\\\n\t,.:{}[]<|>_-019') + ["\U0001f600", "<|coord_5|>", "<|coord_05|>", "<|coord_1000|>"])
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(descs=st.lists(st.lists(DESC_ALPHABET, min_size=1, max_size=6).map("".join), min_size=1, max_size=5),
+       first=st.integers(1, 500), seed=st.integers(0, 10**6))
+def test_encode_serialized_equals_plain_encode(token_table, descs, first, seed):
+    """Tokenizing serializer output segment by segment (cached) gives exactly the tokenizer's ids,
+    also for descs that spell coord-token text, and the cache stays enabled for the real tokenizer."""
+    rng = random.Random(seed)
+    objs = []
+    for d in descs:
+        x, y = rng.randint(0, 900), rng.randint(0, 900)
+        if rng.random() < 0.5:
+            objs.append(DetObject(d, "bbox_2d", (x, y, x + rng.randint(1, 99), y + rng.randint(1, 99))))
+        else:
+            objs.append(DetObject(d, "poly", tuple(rng.randint(0, 999) for _ in range(2 * rng.randint(3, 8)))))
+    text = build_fragment(rng.choice(["{", '{"object_1": {}}']), objs, first).text
+    assert token_table.encode_serialized(text) == token_table.encode(text)
+    assert token_table._segments.enabled
+
+
+def test_encode_serialized_switches_itself_off_for_a_tokenizer_that_merges_across_coords(token_table):
+    """A tokenizer whose output for the whole text differs from its output segment by segment: the
+    self-check catches it on the first call and plain encode is used from then on."""
+    from src.rollout_matching.tokens import TokenTable
+
+    def whole_text_differs(text):  # 'tokenizes across' coord tokens: the whole text gets one extra id
+        ids = token_table.encode(text)
+        return ids + [token_table.im_end_id] if "<|coord_" in text and len(text) > 30 else ids
+
+    table = TokenTable.from_pieces(token_table.pieces, whole_text_differs, token_table.im_end_id)
+    text = build_fragment("{", GT, 1).text
+    assert table.encode_serialized(text) == whole_text_differs(text)
+    assert not table._segments.enabled
+    assert table.encode_serialized(text) == whole_text_differs(text)

@@ -146,7 +146,7 @@ def build_train_target(
     fn_objects = [gts[j] for j in fn_gt]
     first = (parsed.max_object_index or 0) + 1
     frag = build_fragment(table.text(prefix[-8:]), fn_objects, first)  # only its last non-space char matters
-    frag_ids = table.encode(frag.text)
+    frag_ids = table.encode_serialized(frag.text)
     y_ids = prefix + frag_ids + [table.im_end_id]
 
     # Tail supervision from byte spans of the fragment's tokens (desc spans are sorted: one pointer).
