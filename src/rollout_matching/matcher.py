@@ -110,7 +110,9 @@ def candidate_pairs(pred_boxes: np.ndarray, gt_boxes: np.ndarray, top_k: int) ->
     rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # [K'] position within the prediction's run
     rows, cols = rows[rank < top_k], cols[rank < top_k]
 
-    lonely = np.setdiff1d(np.arange(num_preds), rows)  # [L] predictions overlapping no GT box
+    has_candidate = np.zeros(num_preds, dtype=bool)
+    has_candidate[rows] = True
+    lonely = np.nonzero(~has_candidate)[0]  # [L] predictions overlapping no GT box, ascending
     if lonely.size:
         k = min(top_k, num_gts)
         nearest = np.argsort(centre_distance(pred_boxes[lonely], gt_boxes), axis=1, kind="stable")[:, :k]  # [L, k]
