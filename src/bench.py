@@ -1,6 +1,6 @@
 """Performance benchmarks of the stage-2 path, measured side by side in one run (docs/performance.md).
 
-    python -m src.bench [--quick] [--out results.json] [--only rollout,pipeline,lean,guard,step]
+    python -m src.bench [--quick] [--out output/bench/results.json] [--only rollout,pipeline,lean,guard,step]
 
 Cases (each figure is printed with its goal and PASS / FAIL):
 
@@ -731,7 +731,8 @@ def bench_step(assets: Assets, cfg: dict, workdir: Path) -> tuple[list[Figure], 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs (smaller sizes / sequence; < 3 min on 2 CPU cores)")
-    ap.add_argument("--out", type=Path, default=Path("results.json"), help="JSON with every figure and the raw measurements")
+    ap.add_argument("--out", type=Path, default=Path("output/bench/results.json"),
+                    help="JSON with every figure and the raw measurements (default: output/bench/results.json)")
     ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests: minimal sizes, figures meaningless
     ap.add_argument("--_lean_worker", nargs=5, help=argparse.SUPPRESS)
