@@ -215,7 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    shutdown_distributed()
     return 0
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (torchrun runs) while the interpreter is fully alive.
+
+    Left to interpreter finalization, Gloo's worker threads can abort the process ("terminate called
+    without an active exception", SIGABRT) AFTER the run finished and saved: torchrun then reports the
+    whole job as failed (seen in a 2-process CPU test; pytorch/pytorch#190489). Only on success: a
+    rank that failed must not wait in a collective teardown for ranks that are still training."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -111,6 +111,30 @@ def test_torchrun_two_processes_with_a_zero_gt_rank(assets, variant):
         assert all(h["tokens/ce"] > 0 for h in logs)
 
 
+@pytest.mark.parametrize("outcome", ["success", "bad input"])
+def test_launcher_destroys_the_process_group_only_after_a_successful_run(monkeypatch, outcome):
+    """Left to interpreter shutdown, Gloo's threads sometimes aborted a finished torchrun job (SIGABRT,
+    'terminate called without an active exception'): the launcher destroys the group itself, but only
+    on success (a failed rank must not wait in a teardown for ranks still training)."""
+    import torch.distributed as dist
+
+    import src.sft as sft
+    from src.data.contract import DataError
+
+    def failing_run(cfg):
+        raise DataError("x.jsonl:1: broken")
+
+    monkeypatch.setattr(sft, "run", (lambda cfg: None) if outcome == "success" else failing_run)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        rc = sft.main(["--config", str(ROOT / "configs/smoke/sft_tiny.yaml")])
+        assert rc == (0 if outcome == "success" else sft.EXIT_BAD_INPUT)
+        assert dist.is_initialized() == (outcome != "success")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_stage2_with_lora_and_gradient_checkpointing_saves_a_loadable_merged_model(assets):
     cfg, out = write_config(assets, "lora_gc", "rollout_matching_sft", {
         "model": {"lora": {"enabled": True, "r": 4, "alpha": 8}},
