@@ -298,6 +298,11 @@ def pipeline_one(ids: list[int], gts: list, table, rm, mk: dict) -> tuple[float,
     return t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
 
+def median_run(ids: list[int], gts: list, table, rm, mk: dict, reps: int) -> tuple[float, float, float, float]:
+    """The stage times of the median (by total) of ``reps`` runs of :func:`pipeline_one` on one sample."""
+    return sorted((pipeline_one(ids, gts, table, rm, mk) for _ in range(reps)), key=sum)[reps // 2]
+
+
 def bench_pipeline(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
     from src.config.schema import RolloutMatchingConfig
     from src.rollout_matching.stats import match_kwargs
@@ -315,11 +320,10 @@ def bench_pipeline(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
         per_stage = [[], [], [], []]
         totals = []
         for ids, gts in samples:
-            runs = [pipeline_one(ids, gts, table, rm, mk) for _ in range(reps)]
-            k = sorted(range(reps), key=lambda i: sum(runs[i]))[reps // 2]  # the median run of this sample
+            run = median_run(ids, gts, table, rm, mk, reps)
             for s in range(4):
-                per_stage[s].append(runs[k][s])
-            totals.append(sum(runs[k]))
+                per_stage[s].append(run[s])
+            totals.append(sum(run))
         mean_ms = 1e3 * sum(totals) / count
         stages = {name: round(1e3 * sum(v) / count, 3) for name, v in zip(("parse", "match", "targets", "arrays"), per_stage)}
         tokens = sum(len(ids) for ids, _ in samples) / count
@@ -341,9 +345,9 @@ def bench_pipeline(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
         pipeline_one(*samples[0], table, rm, mk)  # warm-up
         totals, matches = [], []
         for ids, gts in samples:
-            runs = sorted((pipeline_one(ids, gts, table, rm, mk) for _ in range(reps)), key=sum)
-            totals.append(sum(runs[reps // 2]))
-            matches.append(runs[reps // 2][1])
+            run = median_run(ids, gts, table, rm, mk, reps)
+            totals.append(sum(run))
+            matches.append(run[1])
         mean_ms, match_ms = 1e3 * sum(totals) / count, 1e3 * sum(matches) / count
         raw["boxes_only"][str(n)] = {"samples": count, "ms_per_sample": round(mean_ms, 3), "match_ms": round(match_ms, 3)}
         figs.append(Figure("pipeline", f"{n} objects, boxes only (match {match_ms:.1f} ms)", mean_ms, "ms"))

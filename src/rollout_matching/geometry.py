@@ -149,10 +149,11 @@ def mask_iou_pairs(
     both = box_a[rows] & box_b[cols]  # [K] box-box pairs: closed form
     out = np.empty(rows.size)
     if both.any():
-        ra, rb = rows[both], cols[both]
-        rects_a = raster_box_rects(np.array([a[i].bins for i in ra], dtype=np.float64).reshape(-1, 4), resolution)
-        rects_b = raster_box_rects(np.array([b[j].bins for j in rb], dtype=np.float64).reshape(-1, 4), resolution)
-        out[both] = _rect_iou(rects_a, rects_b)
+        used_a, ra = np.unique(rows[both], return_inverse=True)  # each box once
+        used_b, rb = np.unique(cols[both], return_inverse=True)
+        rects_a = raster_box_rects(np.array([a[i].bins for i in used_a], dtype=np.float64).reshape(-1, 4), resolution)
+        rects_b = raster_box_rects(np.array([b[j].bins for j in used_b], dtype=np.float64).reshape(-1, 4), resolution)
+        out[both] = _rect_iou(rects_a[ra], rects_b[rb])
     rest = np.nonzero(~both)[0]  # [Kr] pairs with a polygon: pycocotools
     if rest.size:
         out[rest] = _raster_iou_pairs(a, b, rows[rest], cols[rest], resolution)

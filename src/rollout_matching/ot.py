@@ -139,24 +139,24 @@ def _round_bins(values: np.ndarray) -> np.ndarray:
 
 def _pad(point_sets: Sequence[Sequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stack point sets ``[k_b, 2]`` into ``[B, K, 2]`` (zeros past k_b); also a mask ``[B, K]`` and ``k_b [B]``."""
-    sizes = np.array([len(p) for p in point_sets], dtype=np.int64)  # [B]
-    if sizes.min() == 0:
-        raise ValueError("every point set needs at least one point")
-    out = np.zeros((len(point_sets), int(sizes.max()), 2))
-    for b, p in enumerate(point_sets):
-        out[b, : sizes[b]] = p
-    return out, np.arange(out.shape[1])[None, :] < sizes[:, None], sizes
+    coords = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in point_sets]
+    return _pad_flat(np.concatenate(coords), [len(c) for c in coords])
 
 
 def _pad_objects(objs: Sequence[DetObject]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_pad` of the objects' vertices (``DetObject.points``), built from one flat array."""
+    """:func:`_pad` of the objects' vertices (``DetObject.points``), built from one flat list."""
     flat, sizes = flat_vertices(objs)
+    return _pad_flat(np.array(flat, dtype=np.float64).reshape(-1, 2), sizes)
+
+
+def _pad_flat(coords: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_pad` of point sets given stacked: ``coords [V, 2]``, set b holding ``sizes[b]`` rows in order."""
     k_b = np.array(sizes, dtype=np.int64)  # [B]
     if k_b.min() == 0:
         raise ValueError("every point set needs at least one point")
     ok = np.arange(int(k_b.max()))[None, :] < k_b[:, None]  # [B, K]
     out = np.zeros(ok.shape + (2,))
-    out[ok] = np.array(flat, dtype=np.float64).reshape(-1, 2)  # row-major: object by object, in order
+    out[ok] = coords  # row-major: set by set, in order
     return out, ok, k_b
 
 
