@@ -71,15 +71,21 @@ def prepare_assets(cfg: Config) -> None:
 
 
 def training_arguments(cfg: Config):
-    """``transformers.TrainingArguments`` from ``training.*`` (+ effective batch size, gloo on CPU DDP)."""
-    import torch
+    """``transformers.TrainingArguments`` from ``training.*`` (+ effective batch size, DDP over gloo on CPU)."""
     from transformers import TrainingArguments
 
     _, _, world_size = dist_env()
     args = dict(cfg.training.args)
     args["gradient_accumulation_steps"] = gradient_accumulation_for(cfg, world_size)
-    if world_size > 1 and not torch.cuda.is_available() and "ddp_backend" not in args:
-        args["ddp_backend"] = "gloo"  # CPU multi-process; setting it in a 1-process run errors
+    if world_size > 1 and not has_accelerator():
+        # Without use_cpu, accelerate reports DistributedType.NO on a CPU-only machine: every rank would
+        # train its own copy on its shard and gradients would never be averaged (FIELD_NOTES). With it,
+        # the model is wrapped in DDP over gloo.
+        if args.get("use_cpu") is False:
+            raise ConfigError(f"training.use_cpu: false with {world_size} processes and no GPU would train {world_size} "
+                              "independent copies; remove the key (the launcher sets use_cpu: true for CPU data parallelism)")
+        args["use_cpu"] = True
+        args.setdefault("ddp_backend", "gloo")  # setting it in a 1-process run errors
     if args.get("report_to") == ["tensorboard"]:
         try:
             import tensorboard  # noqa: F401
@@ -89,6 +95,52 @@ def training_arguments(cfg: Config):
         return TrainingArguments(**args)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator (CUDA, XPU, MPS, ...)."""
+    import torch
+
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def parallel_mode(trainer) -> str:
+    """How this run trains, in words, from accelerate's view of it (logged at start, tested)."""
+    from accelerate.utils import DistributedType
+
+    acc = trainer.accelerator
+    kind = acc.distributed_type
+    n = acc.num_processes
+    if kind == DistributedType.NO:
+        return f"single process on {acc.device}"
+    if kind == DistributedType.DEEPSPEED:
+        stage = acc.state.deepspeed_plugin.zero_stage if acc.state.deepspeed_plugin else "?"
+        return f"DeepSpeed ZeRO-{stage}, {n} processes"
+    if kind == DistributedType.FSDP:
+        version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
+        return f"FSDP{version}, {n} processes"
+    backend = trainer.args.ddp_backend or (torch_dist_backend() or "default")
+    where = "CPU" if kind == DistributedType.MULTI_CPU else kind.value.removeprefix("MULTI_")
+    return f"DDP over {backend}, {n} processes ({where})"
+
+
+def torch_dist_backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+def check_data_parallel(trainer) -> str:
+    """The parallel mode; a multi-process run that accelerate did not make data parallel is an error
+    (each rank would silently train its own copy)."""
+    mode = parallel_mode(trainer)
+    _, _, world_size = dist_env()
+    if world_size > 1 and mode.startswith("single process"):
+        raise ConfigError(f"training: {world_size} processes were launched but accelerate set up no data parallelism ({mode}); "
+                          "check training.use_cpu / ddp_backend and the accelerate config")
+    return mode
 
 
 def check_images_open(records) -> None:
@@ -142,10 +194,14 @@ def build_trainer(cfg: Config):
         freeze_vision=m.freeze_vision, lora=lora_spec(m.lora), coord_init=cfg.custom.coord_tokens.init,
         min_pixels=m.min_pixels, max_pixels=m.max_pixels,
     )
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model, args=targs, train_dataset=RecordDataset(train), eval_dataset=RecordDataset(val) if val else None,
         data_collator=trainer_cls.make_collator(processor, cfg, targs.seed), run_config=cfg, processor=processor,
     )
+    mode = check_data_parallel(trainer)
+    if trainer.is_world_process_zero():
+        print(f"[parallel] {mode}", flush=True)
+    return trainer
 
 
 def save_merged_lora(trainer, path: Path) -> Path:
