@@ -70,12 +70,14 @@ def prepare_assets(cfg: Config) -> None:
             wait_for(Path(cfg.custom.val_jsonl), "the shapes data")
 
 
-def training_arguments(cfg: Config):
-    """``transformers.TrainingArguments`` from ``training.*`` (+ effective batch size, DDP over gloo on CPU)."""
+def training_arguments(cfg: Config, resume: str | None = None):
+    """``transformers.TrainingArguments`` from ``training.*`` (+ effective batch size, DDP over gloo on CPU,
+    ``resume_from_checkpoint`` resolved by :func:`resolve_run_dir`)."""
     from transformers import TrainingArguments
 
     _, _, world_size = dist_env()
     args = dict(cfg.training.args)
+    args["resume_from_checkpoint"] = resume
     args["gradient_accumulation_steps"] = gradient_accumulation_for(cfg, world_size)
     if world_size > 1 and not has_accelerator():
         # Without use_cpu, accelerate reports DistributedType.NO on a CPU-only machine: every rank would
@@ -95,6 +97,68 @@ def training_arguments(cfg: Config):
         return TrainingArguments(**args)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
+
+
+def resolve_run_dir(cfg: Config) -> str | None:
+    """One output directory, one run; returns the checkpoint to resume from (None: a fresh run).
+
+    Checked before anything loads or is written:
+    * ``resume_from_checkpoint: true``: the newest COMPLETE ``checkpoint-N`` of ``output_dir``
+      (incomplete ones, e.g. copied half or written by an older version, are skipped with a note);
+    * ``resume_from_checkpoint: DIR``: DIR must be a complete checkpoint;
+    * a fresh run into a non-empty ``output_dir`` stops unless ``training.overwrite_output_dir: true``
+      (the previous run's files are then removed by :func:`clear_previous_run` once everything else
+      has been validated).
+    """
+    from src.trainers.checkpoint import missing_parts, newest_complete
+
+    out = Path(cfg.training.args["output_dir"])
+    resume = cfg.training.args.get("resume_from_checkpoint")
+    if resume is True:
+        ckpt, skipped = newest_complete(out)
+        for s in skipped:
+            print(f"[resume] skipping incomplete {s} (missing {', '.join(missing_parts(s))})", flush=True)
+        if ckpt is None:
+            raise ConfigError(f"training.resume_from_checkpoint: true, but {out} holds no complete checkpoint-N; "
+                              "start a fresh run (resume_from_checkpoint: null) or name a checkpoint directory")
+        return str(ckpt)
+    if isinstance(resume, str) and resume:
+        missing = missing_parts(Path(resume))
+        if missing:
+            raise ConfigError(f"training.resume_from_checkpoint: {resume} is not a complete checkpoint (missing {', '.join(missing)}); "
+                              "name a complete checkpoint-N, or set resume_from_checkpoint: true for the newest complete one")
+        return resume
+    if out.is_dir() and not cfg.training.overwrite_output_dir:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ConfigError(f"training.output_dir: {out} already holds another run ({shown}); set training.resume_from_checkpoint: true "
+                              "to continue it, training.overwrite_output_dir: true to replace it, or choose another output_dir")
+    return None
+
+
+PREVIOUS_RUN_FILES = ("trainer_state.json", "summary.json", "rollouts.jsonl")
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """``overwrite_output_dir``: delete the previous run's checkpoints (complete or not) and the files a
+    reader would take for this run's (``PREVIOUS_RUN_FILES``). Other files are overwritten by the new
+    run. Returns the names removed."""
+    import shutil
+
+    from src.trainers.checkpoint import checkpoint_step
+
+    removed = []
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        stem = p.name.lstrip(".").removesuffix(".partial").removesuffix(".old")
+        if p.is_dir() and checkpoint_step(Path(stem)) is not None:
+            shutil.rmtree(p)
+        elif p.is_file() and p.name in PREVIOUS_RUN_FILES:
+            p.unlink()
+        else:
+            continue
+        removed.append(p.name)
+    return removed
 
 
 def has_accelerator() -> bool:
@@ -185,7 +249,8 @@ def build_trainer(cfg: Config):
     from src.trainers.registry import get_trainer_class
 
     trainer_cls = get_trainer_class(cfg.custom.trainer_variant)
-    targs = training_arguments(cfg)  # validated before any model loads
+    resume = resolve_run_dir(cfg)
+    targs = training_arguments(cfg, resume)  # validated before any model loads
     prepare_assets(cfg)
     train, val = load_records(cfg)
     m = cfg.model
@@ -227,9 +292,14 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     trainer = build_trainer(cfg)
     out = Path(trainer.args.output_dir)
+    resume = trainer.args.resume_from_checkpoint
     if trainer.is_world_process_zero():
+        if resume is None and cfg.training.overwrite_output_dir and (removed := clear_previous_run(out)):
+            print(f"[output] training.overwrite_output_dir: removed the previous run's {', '.join(removed)} from {out}", flush=True)
+        if resume is not None:
+            print(f"[resume] continuing from {resume}", flush=True)
         write_run_files(cfg, out)
-    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # model + processor (processing_class): the directory is itself loadable
     summary = {"train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1), "global_step": trainer.state.global_step}
     if trainer.eval_dataset is not None:

@@ -189,7 +189,7 @@ def build_training(data: Mapping) -> TrainingConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"training: expected a mapping (section), got {data!r}")
     fields = _training_fields()
-    ours = {"packing", "effective_batch_size"}
+    ours = {f.name for f in dataclasses.fields(TrainingConfig) if f.name != "args"}
     args = dict(TRAINING_DEFAULTS)
     own: dict[str, Any] = {}
     hints = typing.get_type_hints(TrainingConfig)
@@ -221,6 +221,11 @@ def check_combinations(cfg: Config) -> None:
         if cfg.custom.trainer_variant == "rollout_matching_sft":
             raise ConfigError("training.packing: true is not supported with custom.trainer_variant: rollout_matching_sft (each rollout needs its own unpacked sequence); set training.packing: false")
         raise ConfigError("training.packing: true is not supported (batches are padded per sample); set training.packing: false")
+    resume = args.get("resume_from_checkpoint")
+    if resume is not None and not isinstance(resume, (bool, str)):
+        raise ConfigError(f"training.resume_from_checkpoint: a checkpoint directory, or true for the newest complete checkpoint of output_dir; got {resume!r}")
+    if resume not in (None, False) and t.overwrite_output_dir:
+        raise ConfigError("training.overwrite_output_dir: true deletes the checkpoints that training.resume_from_checkpoint would continue from; set only one of them")
     if args.get("remove_unused_columns") is not False:
         raise ConfigError("training.remove_unused_columns: must be false (the collators and the rollout need the raw records)")
     if not cfg.custom.train_jsonl:
@@ -353,7 +358,7 @@ def to_dict(cfg: Config) -> dict:
         return v
 
     d = conv(cfg)
-    d["training"] = {"packing": cfg.training.packing, "effective_batch_size": cfg.training.effective_batch_size, **conv(cfg.training.args)}
+    d["training"] = {**{k: v for k, v in d["training"].items() if k != "args"}, **conv(cfg.training.args)}
     return d
 
 

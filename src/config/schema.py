@@ -2,7 +2,7 @@
 
 A YAML file has three sections: ``model``, ``training`` and ``custom`` (plus ``extends:``). The
 ``training`` section holds ``transformers.TrainingArguments`` fields (checked by name and basic type)
-plus our own ``packing`` and ``effective_batch_size``; see :class:`TrainingConfig`.
+plus our own ``packing``, ``effective_batch_size`` and ``overwrite_output_dir``; see :class:`TrainingConfig`.
 
 Each field's ``metadata["help"]`` is its documentation (``docs/config.md`` is generated from it).
 """
@@ -174,6 +174,7 @@ TRAINING_DEFAULTS: Mapping[str, Any] = MappingProxyType({
 class TrainingConfig:
     packing: bool = opt(False, "Pack several samples into one sequence. Not supported (stage 2 forbids it; stage 1 pads per batch).")
     effective_batch_size: int | None = opt(None, "Samples per optimizer step across all ranks; sets gradient_accumulation_steps = effective / (per_device_train_batch_size * world_size).")
+    overwrite_output_dir: bool = opt(False, "Let a fresh run (no resume_from_checkpoint) start in a non-empty output_dir: the previous run's checkpoints, trainer_state.json, summary.json and rollouts.jsonl are deleted first. Without it such a run stops (one directory, one run).")
     args: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType(dict(TRAINING_DEFAULTS)), metadata={"help": "transformers.TrainingArguments fields."})
 
 

@@ -4,7 +4,9 @@ ranks, and rollout evaluation (precision / recall / F1 of greedy rollouts on the
 from __future__ import annotations
 
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +95,58 @@ class DetectionTrainer(Trainer):
         if self.model.training:
             self.step_metrics.add_many(out.sums)
             self.step_metrics.add("samples", num_samples)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (model + processor, optimizer, scheduler, scaler, RNG states, trainer
+        state), written aside and renamed to ``checkpoint-<step>`` once every rank has written its part
+        (:mod:`src.trainers.checkpoint`): a run killed during a save leaves no ``checkpoint-<step>`` that
+        resuming would pick. The steps are the stock Trainer's, in its order, into the staging folder."""
+        from transformers.trainer_callback import ExportableState
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+
+        from src.trainers.checkpoint import TRAINER_STATE, publish, staging_dir
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_dir(final)
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a save that was killed
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(str(staging), _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+        self.save_extra_state(staging)
+        best = self.state.best_global_step
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best:
+            best_dir = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}"
+            if best_dir.exists() or best == self.state.global_step:
+                self.state.best_model_checkpoint = str(best_dir)
+        if self.args.should_save:
+            for cb in [cb for cb in [*self.callback_handler.callbacks, self.control] if isinstance(cb, ExportableState)]:
+                name = type(cb).__name__
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(str(staging / TRAINER_STATE))
+        self.accelerator.wait_for_everyone()  # every rank's files are in the staging folder
+        if self.args.should_save:
+            publish(staging, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(final))
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def save_extra_state(self, checkpoint_dir: Path) -> None:
+        """Hook: a variant's own state, written into the checkpoint before it is published."""
 
     # ------------------------------------------------------------------------------------ logging
 

@@ -13,6 +13,7 @@ is the glue, in pipeline order.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -89,6 +90,20 @@ def check_supervision_span(batch: dict[str, torch.Tensor], y_lengths: Sequence[i
             raise SupervisionSpanError(f"sample {b}: supervised positions {int(pos.min())}..{int(pos.max())} outside the assistant span [{lo}, {lo + n})")
 
 
+def trim_rollout_log(path: Path, last_step: int) -> int:
+    """Keep the lines of ``rollouts.jsonl`` logged at optimizer steps <= ``last_step`` (rewritten via a temp
+    file + rename). Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 @register("rollout_matching_sft")
 class RolloutMatchingSFTTrainer(DetectionTrainer):
     extra_metric_keys = ROLLOUT_SUM_KEYS
@@ -113,16 +128,11 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         rank, world_size = world()
         return Path(checkpoint_dir) / ("trainer_rollout_rng.json" if world_size == 1 else f"trainer_rollout_rng_{rank}.json")
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint (model, processor, optimizer, scheduler, torch/numpy/python RNG) plus
-        this trainer's own ``random.Random`` (FN order under ``custom.object_ordering: random``)."""
-        super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if ckpt.is_dir():
-            version, state, gauss = self._rng.getstate()
-            self._rollout_rng_file(ckpt).write_text(json.dumps({"version": version, "state": list(state), "gauss": gauss}))
+    def save_extra_state(self, checkpoint_dir: Path) -> None:
+        """This trainer's own ``random.Random`` (FN order under ``custom.object_ordering: random``), next
+        to the Trainer's torch/numpy/python RNG states."""
+        version, state, gauss = self._rng.getstate()
+        self._rollout_rng_file(checkpoint_dir).write_text(json.dumps({"version": version, "state": list(state), "gauss": gauss}))
 
     def _load_rng_state(self, checkpoint) -> None:
         super()._load_rng_state(checkpoint)
@@ -132,6 +142,18 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         if f.exists():
             d = json.loads(f.read_text())
             self._rng.setstate((d["version"], tuple(d["state"]), d["gauss"]))
+
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        """A resumed run continues ``rollouts.jsonl`` after dropping the lines logged past the checkpoint
+        (they are logged again); a fresh run starts the file anew (the launcher never lets a fresh run
+        into a directory holding another run's file)."""
+        if isinstance(resume_from_checkpoint, (str, Path)) and self.is_world_process_zero():
+            step = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
+            trim_rollout_log(self.rollout_log_path(), step)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def rollout_log_path(self) -> Path:
+        return Path(self.args.output_dir) / "rollouts.jsonl"
 
     # ----------------------------------------------------------------------------- the pipeline
 
@@ -254,7 +276,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         super().log(logs, start_time)
         if is_train_log and self._samples_for_log:
             if self.is_world_process_zero():
-                path = Path(self.args.output_dir) / "rollouts.jsonl"
+                path = self.rollout_log_path()
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a", encoding="utf-8") as f:
                     for s in self._samples_for_log:
