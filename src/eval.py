@@ -7,7 +7,8 @@ Input, one JSON object per line (coordinates in PIXELS of the image, data contra
     {"image": "/abs/or/rel/path.png", "width": 128, "height": 96,
      "gt":   [{"desc": "cat", "bbox_2d": [x1, y1, x2, y2]}, {"desc": "kite", "poly": [x1, y1, ...]}],
      "pred": [{"desc": "cat", "bbox_2d": [...], "score": 0.9}, ...],     # "score" optional
-     "raw_text": "...", "truncated": false, "dropped_invalid": 0, "id": "..."}   # these four optional
+     "raw_text": "...", "truncated": false, "malformed": false, "hit_max_new_tokens": false,
+     "dropped_invalid": 0, "id": "..."}                                      # these six optional
 
 Every line is validated (the object rules of the data contract, pixels inside the image); a bad line
 stops with one line ``FILE:LINE: ...`` and exit code 2.
@@ -22,10 +23,14 @@ Reported (see docs/evaluation.md):
 * Scores: predictions carry no confidence; the i-th of n predicted objects of an image (0-based,
   appearance order) gets ``1 - i / (n + 1)`` unless the object has an explicit ``"score"``.
 * ``precision@t`` / ``recall@t`` / ``f1@t`` for t in 0.3 / 0.5 / 0.75: the training matcher
-  (Hungarian on maskIoU, gate t, class-agnostic) on objects quantized to bins — the same counting code
-  as training's rollout evaluation (:func:`src.rollout_matching.stats.count_objects`).
-* Parse health: ``parse_valid_rate`` (not truncated and nothing dropped), ``truncated_rate``,
-  ``dropped_invalid``, ``nonempty_rate``, ``valid_objects_per_image``; ``images``.
+  (Hungarian on maskIoU, gate t, CLASS-AGNOSTIC) on objects quantized to bins — the same counting code
+  as training's rollout evaluation (:func:`src.rollout_matching.stats.count_objects`);
+  ``label_precision@t`` / ``label_recall@t`` / ``label_f1@t``: LABEL-AWARE, the same matcher within each
+  desc (a match needs the identical desc).
+* Parse health: ``parse_valid_rate`` (neither truncated nor malformed, nothing dropped),
+  ``truncated_rate`` (the answer ran out before its closing ``}``), ``malformed_rate`` (its structure
+  broke), ``hit_max_new_tokens_rate``, ``dropped_invalid``, ``nonempty_rate``,
+  ``valid_objects_per_image``; ``images``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from src.data.contract import DataError, iter_jsonl, parse_record
 from src.data.coords import bins_to_pixels
 from src.data.objects import DetObject
 
-LINE_KEYS = {"image", "width", "height", "gt", "pred", "raw_text", "truncated", "dropped_invalid", "id"}
+LINE_KEYS = {"image", "width", "height", "gt", "pred", "raw_text", "truncated", "malformed", "hit_max_new_tokens", "dropped_invalid", "id"}
+FLAGS = ("truncated", "malformed", "hit_max_new_tokens")  # optional booleans, default false
 REQUIRED_KEYS = ("image", "width", "height", "gt", "pred")
 GATES = (0.3, 0.5, 0.75)
 COCO_STATS = {"AP": 0, "AP50": 1, "AP75": 2, "AR100": 8}  # indices into COCOeval.stats
@@ -64,12 +70,10 @@ class ImagePredictions:
     pred_pixels: tuple[tuple[float, ...], ...]
     scores: tuple[float, ...]
     truncated: bool = False
+    malformed: bool = False
+    hit_max_new_tokens: bool = False
     dropped_invalid: int = 0
     source: str = ""  # "file:line"
-
-    @property
-    def parse_valid(self) -> bool:
-        return not self.truncated and self.dropped_invalid == 0
 
 
 # ------------------------------------------------------------------------------------------ input
@@ -106,9 +110,10 @@ def read_line(obj: Any, where: str) -> ImagePredictions:
     for key in ("gt", "pred"):
         if not isinstance(obj[key], list):
             raise DataError(f"{where}: '{key}' must be a list of objects (use [] for none), got {type(obj[key]).__name__}")
-    truncated = obj.get("truncated", False)
-    if not isinstance(truncated, bool):
-        raise DataError(f"{where}: 'truncated' must be true or false, got {truncated!r}")
+    flags = {k: obj.get(k, False) for k in FLAGS}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise DataError(f"{where}: '{k}' must be true or false, got {v!r}")
     dropped = obj.get("dropped_invalid", 0)
     if type(dropped) is not int or dropped < 0:
         raise DataError(f"{where}: 'dropped_invalid' must be an int >= 0, got {dropped!r}")
@@ -132,7 +137,7 @@ def read_line(obj: Any, where: str) -> ImagePredictions:
     return ImagePredictions(
         image=obj["image"], width=obj["width"], height=obj["height"], gt=gt, gt_pixels=gt_px,
         pred=pred, pred_pixels=pred_px, scores=tuple(d if s is None else s for s, d in zip(scores, default)),
-        truncated=truncated, dropped_invalid=dropped, source=where,
+        **flags, dropped_invalid=dropped, source=where,
     )
 
 
@@ -239,7 +244,8 @@ def matcher_counts(images: Iterable[ImagePredictions], gate: float):
     kw = match_kwargs(RolloutMatchingConfig(), maskiou_gate=gate)
     total = DetectionCounts()
     for im in images:
-        total.add(count_objects(im.pred, im.gt, kw, parse_valid=im.parse_valid, truncated=im.truncated, dropped_invalid=im.dropped_invalid))
+        total.add(count_objects(im.pred, im.gt, kw, truncated=im.truncated, malformed=im.malformed, dropped_invalid=im.dropped_invalid,
+                                hit_cap=im.hit_max_new_tokens))
     return total
 
 
@@ -255,8 +261,12 @@ def evaluate(images: Sequence[ImagePredictions]) -> dict[str, Any]:
         out[f"precision@{gate}"] = m["rollout_precision"]
         out[f"recall@{gate}"] = m["rollout_recall"]
         out[f"f1@{gate}"] = m["rollout_f1"]
+        out[f"label_precision@{gate}"] = m["rollout_label_precision"]
+        out[f"label_recall@{gate}"] = m["rollout_label_recall"]
+        out[f"label_f1@{gate}"] = m["rollout_label_f1"]
     # parse health (the same at every gate): training's rollout_* keys without the prefix
-    for k in ("parse_valid_rate", "truncated_rate", "nonempty_rate", "valid_objects_per_image", "dropped_invalid"):
+    for k in ("parse_valid_rate", "truncated_rate", "malformed_rate", "hit_max_new_tokens_rate", "nonempty_rate",
+              "valid_objects_per_image", "dropped_invalid"):
         out[k] = m[f"rollout_{k}"]
     out["dropped_invalid"] = int(out["dropped_invalid"])
     out["gt_objects"] = sum(len(im.gt) for im in images)
@@ -276,14 +286,16 @@ def format_table(m: dict[str, Any]) -> str:
         f"  bbox        {f(m['bbox_AP'])}  {f(m['bbox_AP50'])}  {f(m['bbox_AP75'])}  {f(m['bbox_AR100'])}",
         f"  segm        {f(m['segm_AP'])}  {f(m['segm_AP50'])}  {f(m['segm_AP75'])}  {f(m['segm_AR100'])}",
         "",
-        "matcher (maskIoU gate)  precision  recall      F1",
+        "matcher (maskIoU gate)   class-agnostic: precision  recall      F1   label-aware: precision  recall      F1",
     ]
     for g in GATES:
-        lines.append(f"  @{g:<4}                  {f(m[f'precision@{g}'])}  {f(m[f'recall@{g}'])}  {f(m[f'f1@{g}'])}")
+        lines.append(f"  @{g:<4}                                  {f(m[f'precision@{g}'])}  {f(m[f'recall@{g}'])}  {f(m[f'f1@{g}'])}"
+                     f"                 {f(m[f'label_precision@{g}'])}  {f(m[f'label_recall@{g}'])}  {f(m[f'label_f1@{g}'])}")
     lines += [
         "",
-        f"parse: valid {m['parse_valid_rate']:.3f}   truncated {m['truncated_rate']:.3f}   non-empty {m['nonempty_rate']:.3f}"
-        f"   dropped invalid objects {m['dropped_invalid']}   objects/image {m['valid_objects_per_image']:.2f}",
+        f"parse: valid {m['parse_valid_rate']:.3f}   truncated {m['truncated_rate']:.3f}   malformed {m['malformed_rate']:.3f}"
+        f"   at max_new_tokens {m['hit_max_new_tokens_rate']:.3f}   non-empty {m['nonempty_rate']:.3f}",
+        f"       dropped invalid objects {m['dropped_invalid']}   objects/image {m['valid_objects_per_image']:.2f}",
     ]
     return "\n".join(lines)
 

@@ -13,7 +13,9 @@ Output, one line per image, in input order (all coordinates in PIXELS; ``python 
      "gt":   [{"desc": ..., "bbox_2d": [x1, y1, x2, y2]} | {"desc": ..., "poly": [x1, y1, ...]}],
      "pred": [...same shape: the parser's VALID objects, in appearance order...],
      "raw_text": "<decoded response, special tokens kept>",
-     "truncated": bool,            # the parser saw a cut-off or malformed answer
+     "truncated": bool,            # the answer ran out before its closing "}" (structure intact)
+     "malformed": bool,            # the answer's JSON structure broke (never together with truncated)
+     "hit_max_new_tokens": bool,   # generation stopped at max_new_tokens
      "dropped_invalid": int}       # invalid objects the parser dropped
 
 GT: the JSONL's own pixel values when given in pixels, else its bins through the codec. Predictions:
@@ -59,7 +61,7 @@ def gt_pixel_objects(record: Record) -> list[dict[str, Any]]:
     return [pixel_object(o, bins_to_pixels(o.bins, record.width, record.height)) for o in record.objects]
 
 
-def prediction_line(record: Record, parsed, raw_text: str) -> dict[str, Any]:
+def prediction_line(record: Record, parsed, raw_text: str, hit_max_new_tokens: bool = False) -> dict[str, Any]:
     """One output line from a record and its :class:`src.rollout_matching.parser.ParseResult`."""
     line: dict[str, Any] = {"image": str(record.image.resolve()), "width": record.width, "height": record.height}
     if record.id is not None:
@@ -69,7 +71,9 @@ def prediction_line(record: Record, parsed, raw_text: str) -> dict[str, Any]:
         "gt": gt_pixel_objects(record),
         "pred": [pixel_object(o, bins_to_pixels(o.bins, record.width, record.height)) for o in preds],
         "raw_text": raw_text,
-        "truncated": bool(parsed.truncated or parsed.malformed),
+        "truncated": parsed.truncated,
+        "malformed": parsed.malformed,
+        "hit_max_new_tokens": hit_max_new_tokens,
         "dropped_invalid": parsed.dropped_invalid,
     })
     return line
@@ -116,7 +120,7 @@ def run_inference(model, processor, records: Sequence[Record], rm: RolloutMatchi
                 prompts = [encode_prompt(processor, load_image(r.image, r.source), prompt) for r in chunk]
                 for record, rollout in zip(chunk, backend.generate(model, prompts)):
                     parsed = parse_rollout(rollout.response_ids, table)
-                    line = prediction_line(record, parsed, table.text(rollout.response_ids))
+                    line = prediction_line(record, parsed, table.text(rollout.response_ids), rollout.hit_max_new_tokens)
                     dst.write(json.dumps(line, ensure_ascii=False) + "\n")
                 bar.update(len(chunk))
         os.replace(tmp, out)

@@ -34,7 +34,7 @@ Output, one line per input line in the same order (positions are 0-based token i
     timing_ms          {parse, match, targets}           perf_counter inside this process
 
 The LAST line on stderr is one JSON object: the SPEC §13 counters summed over the file
-(``rollout/parse_dropped_invalid``, ``rollout/parse_truncated``, ``rollout/valid_pred_objects``,
+(``rollout/parse_dropped_invalid``, ``rollout/parse_truncated``, ``rollout/parse_malformed``, ``rollout/valid_pred_objects``,
 ``rollout/matched_for_supervision``, ``rollout/excluded_from_supervision``, ``rollout/fn_appended``,
 ``rollout/gating_rejections``, ``rollout/gt_objects``, ``rollout/match_rate`` = matched_for_supervision /
 gt_objects), ``samples`` and ``ms_per_sample`` (mean parse / match / targets times).
@@ -71,8 +71,8 @@ from src.rollout_matching.tokens import TokenTable, token_table
 FN_ORDERING = "sorted"
 TIMINGS = ("parse", "match", "targets")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-COUNTERS = (  # SPEC §13 names, without the "rollout/" prefix
-    "parse_dropped_invalid", "parse_truncated", "valid_pred_objects", "matched_for_supervision",
+COUNTERS = (  # training's rollout counters (SPEC §13 names), without the "rollout/" prefix
+    "parse_dropped_invalid", "parse_truncated", "parse_malformed", "valid_pred_objects", "matched_for_supervision",
     "excluded_from_supervision", "fn_appended", "gating_rejections", "gt_objects",
 )
 
@@ -226,6 +226,7 @@ class Totals:
         c = self.counts
         c["parse_dropped_invalid"] += record["dropped_invalid"]
         c["parse_truncated"] += int(record["truncated"])
+        c["parse_malformed"] += int(record["malformed"])
         c["valid_pred_objects"] += len(record["valid_objects"])
         for k in ("matched_for_supervision", "excluded_from_supervision", "fn_appended", "gating_rejections"):
             c[k] += record[k]

@@ -126,3 +126,63 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, content, expect):
     assert expect in err and len(err.splitlines()) == 1 and "Traceback" not in err
     if content is not None:
         assert err.startswith(f"error: {pred}:")
+
+
+# ----------------------------------------------------- one meaning per word; label-aware figures
+
+
+def test_parse_health_has_one_meaning_in_training_eval_infer_and_src_eval(tmp_path, token_table):
+    """A complete answer, one cut mid-way (truncated) and garbage (malformed), counted by the training
+    evaluation's code (count_matches on the parse) and by src.infer's line -> src.eval: the same rates.
+    Before, src.eval's truncated_rate also counted malformed answers (0.0 in training, 1.0 in src.eval)."""
+    from src.config.schema import RolloutMatchingConfig
+    from src.data.contract import Record
+    from src.data.objects import DetObject
+    from src.data.serialize import serialize_objects
+    from src.infer import prediction_line
+    from src.rollout_matching.parser import parse_rollout
+    from src.rollout_matching.stats import DetectionCounts, count_matches, match_kwargs
+
+    gt = (DetObject("a", "bbox_2d", (100, 100, 400, 400)),)
+    record = Record(image=Path("x.png"), width=200, height=200, objects=gt, source="x.jsonl:1")
+    full = token_table.encode(serialize_objects(gt)) + [token_table.im_end_id]
+    responses = {"complete": full, "truncated": full[: len(full) // 2], "malformed": token_table.encode("{]]] garbage") + [token_table.im_end_id]}
+    kw = match_kwargs(RolloutMatchingConfig())
+    training, lines = DetectionCounts(), []
+    for name, ids in responses.items():
+        parsed = parse_rollout(ids, token_table)
+        assert (parsed.truncated, parsed.malformed) == (name == "truncated", name == "malformed")
+        training.add(count_matches(parsed, gt, kw, hit_cap=name == "truncated"))
+        lines.append(prediction_line(record, parsed, token_table.text(ids), hit_max_new_tokens=name == "truncated"))
+    t = training.metrics(prefix="eval_")
+    m = evaluate(read_predictions(write_lines(tmp_path / "p.jsonl", lines)))
+    expected = {"truncated_rate": 1 / 3, "malformed_rate": 1 / 3, "hit_max_new_tokens_rate": 1 / 3, "parse_valid_rate": 1 / 3}
+    for k, v in expected.items():
+        assert t[f"eval_rollout_{k}"] == pytest.approx(v) and m[k] == pytest.approx(v), k
+
+
+def test_label_aware_figures_next_to_class_agnostic_ones(tmp_path):
+    """Every label wrong: class-agnostic P/R/F1 = 1 (geometry only), label-aware 0. The label-aware
+    matcher runs within each desc, so a prediction is not lost to a wrong-label neighbour the
+    class-agnostic matcher preferred."""
+    gts = [box(20, 20, desc="cat"), box(120, 120, desc="dog")]
+    wrong = [box(20, 20, desc="dog"), box(120, 120, desc="cat")]
+    m = evaluate(read_predictions(write_lines(tmp_path / "wrong.jsonl", [line(gts, wrong)])))
+    for t in (0.3, 0.5):
+        assert (m[f"precision@{t}"], m[f"recall@{t}"], m[f"f1@{t}"]) == (1.0, 1.0, 1.0)
+        assert (m[f"label_precision@{t}"], m[f"label_recall@{t}"], m[f"label_f1@{t}"]) == (0.0, 0.0, 0.0)
+
+    # Two GT: a "cat" and, shifted by 8 px, a "dog". Two predictions: "dog" exactly on the cat and "cat"
+    # between the two. Class-agnostic matching pairs by geometry (dog-pred -> cat-GT, cat-pred -> dog-GT):
+    # no pair has equal labels. Within each desc, cat-pred -> cat-GT and dog-pred -> dog-GT both pass 0.5.
+    gts = [box(50, 50, desc="cat"), box(58, 50, desc="dog")]
+    preds = [box(50, 50, desc="dog"), box(54, 50, desc="cat")]
+    m = evaluate(read_predictions(write_lines(tmp_path / "cross.jsonl", [line(gts, preds)])))
+    assert m["f1@0.5"] == 1.0 and m["label_f1@0.5"] == 1.0 and m["label_precision@0.5"] == 1.0
+    from src.config.schema import RolloutMatchingConfig
+    from src.rollout_matching.matcher import match_objects
+    from src.rollout_matching.stats import match_kwargs
+
+    im = read_predictions(tmp_path / "cross.jsonl")[0]
+    agnostic = match_objects(im.pred, im.gt, **match_kwargs(RolloutMatchingConfig(), maskiou_gate=0.5)).matches
+    assert not any(im.pred[i].desc == im.gt[j].desc for i, j in agnostic)  # filtering those would give 0

@@ -10,7 +10,7 @@ import pytest
 from src import infer, visualize
 from src.data.make_shapes import make_shapes
 
-LINE_KEYS = {"image", "width", "height", "id", "gt", "pred", "raw_text", "truncated", "dropped_invalid"}
+LINE_KEYS = {"image", "width", "height", "id", "gt", "pred", "raw_text", "truncated", "malformed", "hit_max_new_tokens", "dropped_invalid"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def test_infer_writes_one_line_per_image(pred_file, shapes):
         for o in line["pred"]:
             coords = o.get("bbox_2d", o.get("poly"))
             assert all(0 <= v <= line["width"] - 1 for v in coords[0::2]) and all(0 <= v <= line["height"] - 1 for v in coords[1::2])
-        assert isinstance(line["raw_text"], str) and isinstance(line["truncated"], bool) and line["dropped_invalid"] >= 0
+        assert isinstance(line["raw_text"], str) and line["dropped_invalid"] >= 0
+        assert all(isinstance(line[k], bool) for k in ("truncated", "malformed", "hit_max_new_tokens"))
+        assert not (line["truncated"] and line["malformed"])  # one meaning per word: never both
 
 
 def test_eval_reads_infer_output(pred_file, capsys):

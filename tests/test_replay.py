@@ -33,7 +33,7 @@ OUTPUT_KEYS = {
     "ce_token_count", "coord_targets", "timing_ms",
 }
 COUNTER_KEYS = {
-    "rollout/parse_dropped_invalid", "rollout/parse_truncated", "rollout/valid_pred_objects",
+    "rollout/parse_dropped_invalid", "rollout/parse_truncated", "rollout/parse_malformed", "rollout/valid_pred_objects",
     "rollout/matched_for_supervision", "rollout/excluded_from_supervision", "rollout/fn_appended",
     "rollout/gating_rejections", "rollout/gt_objects", "rollout/match_rate", "samples", "ms_per_sample",
 }
@@ -175,6 +175,7 @@ def test_counters_are_the_sums_over_the_file(model_dir, tmp_path, capsys, token_
     assert c["rollout/gt_objects"] == sum(len(ln["objects"]) for ln in lines)
     assert c["rollout/parse_dropped_invalid"] == sum(r["dropped_invalid"] for r in records)
     assert c["rollout/parse_truncated"] == sum(r["truncated"] for r in records) == 2
+    assert c["rollout/parse_malformed"] == sum(r["malformed"] for r in records)
     assert c["rollout/valid_pred_objects"] == sum(len(r["valid_objects"]) for r in records)
     for k in ("matched_for_supervision", "excluded_from_supervision", "fn_appended", "gating_rejections"):
         assert c[f"rollout/{k}"] == sum(r[k] for r in records), k
@@ -379,3 +380,66 @@ def test_cli_subprocess(model_dir, tmp_path, token_table):
     counters = json.loads(proc.stderr.strip().splitlines()[-1])
     assert set(counters) == COUNTER_KEYS and counters["samples"] == 7
     assert len(out.read_text(encoding="utf-8").splitlines()) == 7
+
+
+# ---------------------------------------------------------------------- train -> replay, end to end
+
+
+@pytest.mark.slow
+def test_train_then_replay_reproduces_the_logged_matches_and_y_train(tiny_model_dirs, tmp_path, monkeypatch):
+    """README workflow: a stage-2 run writes ``rollouts.jsonl``; ``src.replay --rollouts <run>/rollouts.jsonl
+    --config <run>/resolved_config.yaml`` reads that file as it is and reproduces, line by line, the matches,
+    FP, FN count and Y_train training logged. The tiny random model emits no valid object, so its rollouts
+    are replaced by plausible ones (GT shifted by a few bins, a spurious object, a cut mid-answer) to give
+    the matcher and the prefix real work; everything after generation is the trainer's own code."""
+    from src.config.loader import config_from_dict
+    from src.data.contract import load_jsonl
+    from src.data.make_shapes import make_shapes
+    from src.data.prompt import prompt_text
+    from src.models.loading import load_model_and_processor
+    from src.sft import run
+    from src.trainers.encoding import encode_prompt, load_image
+    from src.trainers.rollout import HFRolloutBackend, Rollout
+
+    make_shapes(tmp_path / "shapes", num_train=8, num_val=2, seed=4, image_size=64, min_shapes=1, max_shapes=3, kinds=("rectangle", "triangle"))
+    train_jsonl = tmp_path / "shapes" / "train.jsonl"
+    _, processor = load_model_and_processor(tiny_model_dirs["qwen3_vl"])
+    prompt = prompt_text(processor)
+    def key(p):  # the image, not the prompt ids (the same for every image of one size)
+        return p.pixel_values.numpy().tobytes()
+
+    by_prompt = {key(encode_prompt(processor, load_image(r.image), prompt)): r for r in load_jsonl(train_jsonl)[0]}
+    table = load_token_table(tiny_model_dirs["qwen3_vl"])
+
+    def plausible(record, k: int) -> list[int]:
+        preds = [DetObject(o.desc, o.geometry, tuple(min(max(b + 3 * (-1) ** i, 0), 999) for i, b in enumerate(o.bins))) for o in record.objects]
+        preds.append(DetObject("ghost", "bbox_2d", (10, 10, 40, 40)))
+        ids = table.encode(serialize_objects(preds)) + [table.im_end_id]
+        return ids[: len(ids) * 2 // 3] if k % 2 else ids  # every other rollout cut mid-answer
+
+    def fake_generate(self, model, prompts, synced_gpus=False):
+        return [Rollout(p, plausible(by_prompt[key(p)], k), hit_max_new_tokens=False) for k, p in enumerate(prompts)]
+
+    monkeypatch.setattr(HFRolloutBackend, "generate", fake_generate)
+    out = tmp_path / "run"
+    cfg = config_from_dict({
+        "model": {"model_name_or_path": str(tiny_model_dirs["qwen3_vl"])},
+        "custom": {"trainer_variant": "rollout_matching_sft", "train_jsonl": str(train_jsonl),
+                   "extra": {"rollout_matching": {"log_rollout_samples": 4, "maskiou_gate": 0.5}}},
+        "training": {"output_dir": str(out), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2,
+                     "logging_steps": 1, "save_strategy": "no", "report_to": [], "learning_rate": 1e-4},
+    })
+    run(cfg)
+    logged = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(logged) == 8 and sum(len(s["matches"]) for s in logged) >= 4 and any(s["truncated"] for s in logged)
+
+    replayed = out / "replay.jsonl"
+    assert main(["--model", str(out), "--rollouts", str(out / "rollouts.jsonl"), "--config", str(out / "resolved_config.yaml"),
+                 "--out", str(replayed)]) == 0
+    lines = [json.loads(line) for line in replayed.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [s["id"] for s in logged]
+    for s, r in zip(logged, lines):
+        assert r["matches"] == s["matches"] and r["fp"] == s["fp"] and r["fn_appended"] == s["fn_appended"], s["id"]
+        assert r["y_train_text"] == s["y_train"], s["id"]
+        assert r["truncated"] == s["truncated"] and r["dropped_invalid"] == s["dropped_invalid"]
+        assert [o["bins"] for o in r["valid_objects"]] == [o["bins"] for o in s["valid_objects"]]

@@ -90,6 +90,23 @@ def check_supervision_span(batch: dict[str, torch.Tensor], y_lengths: Sequence[i
             raise SupervisionSpanError(f"sample {b}: supervised positions {int(pos.min())}..{int(pos.max())} outside the assistant span [{lo}, {lo + n})")
 
 
+def rollout_sample(rec: Record, ro: Rollout, parsed: ParseResult, match, tgt: TrainTarget, table) -> dict[str, Any]:
+    """One ``rollouts.jsonl`` line (without ``step`` / ``decode_mode``), self-contained for
+    ``python -m src.replay``: its ``id``, ``response_token_ids`` and GT ``objects`` (bins, file order) are
+    the replay input; ``matches`` / ``fp`` / ``fn_appended`` / ``y_train`` are what training did with them."""
+    return {
+        "id": rec.id if rec.id is not None else rec.source, "image": str(rec.image), "source": rec.source,
+        "response_token_ids": list(ro.response_ids),
+        "objects": [{"desc": o.desc, o.geometry: list(o.bins)} for o in rec.objects],
+        "raw_rollout": table.text(ro.response_ids),
+        "hit_max_new_tokens": ro.hit_max_new_tokens, "stopped_by_guard": ro.stopped_by_guard,
+        "truncated": parsed.truncated, "malformed": parsed.malformed, "dropped_invalid": parsed.dropped_invalid,
+        "valid_objects": [{"key": o.key, "desc": o.desc, "geometry": o.geometry, "bins": list(o.bins)} for o in parsed.objects],
+        "matches": [list(p) for p in match.matches], "fp": list(match.fp),
+        "fn_appended": tgt.fn_appended, "y_train": table.text(tgt.y_ids),
+    }
+
+
 def trim_rollout_log(path: Path, last_step: int) -> int:
     """Keep the lines of ``rollouts.jsonl`` logged at optimizer steps <= ``last_step`` (rewritten via a temp
     file + rename). Returns the number of lines dropped."""
@@ -261,15 +278,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         for rec, ro, (parsed, match, tgt) in zip(records, rollouts, built):
             if len(self._samples_for_log) >= k:
                 break
-            self._samples_for_log.append({
-                "image": str(rec.image), "source": rec.source,
-                "raw_rollout": self.table.text(ro.response_ids),
-                "hit_max_new_tokens": ro.hit_max_new_tokens,
-                "truncated": parsed.truncated, "malformed": parsed.malformed, "dropped_invalid": parsed.dropped_invalid,
-                "valid_objects": [{"key": o.key, "desc": o.desc, "geometry": o.geometry, "bins": list(o.bins)} for o in parsed.objects],
-                "gt_objects": len(rec.objects), "matches": [list(p) for p in match.matches], "fp": list(match.fp),
-                "fn_appended": tgt.fn_appended, "y_train": self.table.text(tgt.y_ids),
-            })
+            self._samples_for_log.append(rollout_sample(rec, ro, parsed, match, tgt, self.table))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_train_log = "loss" in logs and not any(k.startswith("eval_") for k in logs)
