@@ -34,14 +34,15 @@ def ddp_assets(tmp_path_factory, tiny_model_dirs):
     return {"root": root, "model": tiny_model_dirs["qwen3_vl"]}
 
 
-def train(assets, name: str, variant: str, per_device: int, nproc: int) -> tuple[Path, str]:
+def train(assets, name: str, variant: str, per_device: int, nproc: int, normalization: str = "sample") -> tuple[Path, str]:
     """Train 3 optimizer steps of ``per_device * nproc`` samples each; returns (output dir, stdout)."""
     root = assets["root"]
     smoke = "rollout_matching_tiny.yaml" if variant == "rollout_matching_sft" else "sft_tiny.yaml"
     cfg = {
         "extends": str(ROOT / "configs" / "smoke" / smoke),
         "model": {"model_name_or_path": str(assets["model"]), "build_tiny": None},
-        "custom": {"train_jsonl": str(root / "shapes" / "train.jsonl"), "val_jsonl": None, "shapes_data": None},
+        "custom": {"train_jsonl": str(root / "shapes" / "train.jsonl"), "val_jsonl": None, "shapes_data": None,
+                   "extra": {"rollout_matching": {"loss_normalization": normalization}}},
         "training": {"output_dir": str(root / name), "per_device_train_batch_size": per_device, "max_steps": 3,
                      "learning_rate": 1e-3, "report_to": []},
     }
@@ -66,17 +67,19 @@ def relative_difference(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).norm() / a[k].double().norm()) for k in a if a[k].norm() > 0)
 
 
-@pytest.mark.parametrize("variant", ["sft", "rollout_matching_sft"])
-def test_two_ranks_train_like_one_process_with_the_global_batch(ddp_assets, variant):
-    one, out1 = train(ddp_assets, f"{variant}_1x4", variant, per_device=4, nproc=1)
-    two, out2 = train(ddp_assets, f"{variant}_2x2", variant, per_device=2, nproc=2)
+@pytest.mark.parametrize("variant, normalization", [("sft", "sample"), ("rollout_matching_sft", "sample"), ("rollout_matching_sft", "token")])
+def test_two_ranks_train_like_one_process_with_the_global_batch(ddp_assets, variant, normalization):
+    """Stage 1, stage 2 and stage 2 with ``loss_normalization: token`` (the step's supervised positions
+    counted over both ranks before the first backward)."""
+    one, out1 = train(ddp_assets, f"{variant}_{normalization}_1x4", variant, per_device=4, nproc=1, normalization=normalization)
+    two, out2 = train(ddp_assets, f"{variant}_{normalization}_2x2", variant, per_device=2, nproc=2, normalization=normalization)
     assert "[parallel] single process on cpu" in out1
     assert "[parallel] DDP over gloo, 2 processes (CPU)" in out2
 
     w1, w2, w0 = weights(one), weights(two), weights(ddp_assets["model"])
     moved = min(float((w1[k].double() - w0[k].double()).norm() / w1[k].double().norm()) for k in w1 if w1[k].norm() > 0)
     diff = relative_difference(w1, w2)
-    print(f"\n{variant}: relative difference 2x2 vs 1x4 = {diff:.2e} (smallest relative change by training {moved:.2e})")
+    print(f"\n{variant} ({normalization}): relative difference 2x2 vs 1x4 = {diff:.2e} (smallest relative change by training {moved:.2e})")
     assert moved > 100 * TOLERANCE  # training moved every tensor far more than the tolerance
     assert diff <= TOLERANCE
 

@@ -399,7 +399,8 @@ def test_train_then_replay_reproduces_the_logged_matches_and_y_train(tiny_model_
     from src.models.loading import load_model_and_processor
     from src.sft import run
     from src.trainers.encoding import encode_prompt, load_image
-    from src.trainers.rollout import HFRolloutBackend, Rollout
+    from src.trainers.rollout import HFRolloutBackend
+    from tests.test_trainers import fake_rollout
 
     make_shapes(tmp_path / "shapes", num_train=8, num_val=2, seed=4, image_size=64, min_shapes=1, max_shapes=3, kinds=("rectangle", "triangle"))
     train_jsonl = tmp_path / "shapes" / "train.jsonl"
@@ -418,7 +419,7 @@ def test_train_then_replay_reproduces_the_logged_matches_and_y_train(tiny_model_
         return ids[: len(ids) * 2 // 3] if k % 2 else ids  # every other rollout cut mid-answer
 
     def fake_generate(self, model, prompts, synced_gpus=False):
-        return [Rollout(p, plausible(by_prompt[key(p)], k), hit_max_new_tokens=False) for k, p in enumerate(prompts)]
+        return [fake_rollout(p, plausible(by_prompt[key(p)], k)) for k, p in enumerate(prompts)]
 
     monkeypatch.setattr(HFRolloutBackend, "generate", fake_generate)
     out = tmp_path / "run"

@@ -33,6 +33,15 @@ def make_cfg(model_dir, shapes_dir, tmp_path, variant="rollout_matching_sft", **
     return config_from_dict(merge(base, over))
 
 
+def fake_rollout(prompt, response_ids, hit_max_new_tokens=False):
+    """A rollout as an engine that consumed exactly ``prompt`` would report it (for fake engines in tests)."""
+    from src.trainers.encoding import image_digests
+    from src.trainers.rollout import Rollout
+
+    return Rollout(prompt, list(response_ids), hit_max_new_tokens=hit_max_new_tokens, consumed_prompt_ids=tuple(prompt.input_ids.tolist()),
+                   consumed_image_digest=image_digests(prompt.pixel_values, prompt.image_grid_thw)[0])
+
+
 def make_trainer(cfg):
     from src.sft import build_trainer
 
@@ -88,26 +97,52 @@ def test_one_teacher_forced_forward_per_micro_batch(trainer2, shapes_dir):
 
 
 def test_prompt_mismatch_and_span_checks_raise(trainer2, shapes_dir):
+    from dataclasses import replace
+
     from src.trainers.encoding import SupervisedSequence, right_padded_teacher_forced
     from src.trainers.rollout_matching import PromptMismatchError, SupervisionSpanError, check_prompt_alignment, check_supervision_span
 
     inputs = stage2_inputs(trainer2, records(shapes_dir, 1))
-    p = inputs["prompts"][0]
-    seq = SupervisedSequence(prompt=p, assistant_ids=[1, 2, 3], ce_targets=[1, 2, 3], coord_bins=[-1, -1, -1])
+    (ro,) = trainer2.rollout_backend.generate(trainer2.rollout_model(), inputs["prompts"])
+    assert list(ro.consumed_prompt_ids) == inputs["prompts"][0].input_ids.tolist() and len(ro.consumed_image_digest) == 40
+    seq = SupervisedSequence(prompt=ro.prompt, assistant_ids=[1, 2, 3], ce_targets=[1, 2, 3], coord_bins=[-1, -1, -1])
     batch = right_padded_teacher_forced([seq], pad_id=0)
-    check_prompt_alignment(batch, [p])
+    check_prompt_alignment(batch, [ro])
     check_supervision_span(batch, [3])
     tampered = {**batch, "input_ids": batch["input_ids"].clone()}
     tampered["input_ids"][0, 5] += 1
-    with pytest.raises(PromptMismatchError, match="differ"):
-        check_prompt_alignment(tampered, [p])
-    shorter = {**batch, "assistant_start": batch["assistant_start"] - 1}
-    with pytest.raises(PromptMismatchError, match="tokens"):
-        check_prompt_alignment(shorter, [p])
+    with pytest.raises(PromptMismatchError, match="differ from the ids generation consumed .first at position 5"):
+        check_prompt_alignment(tampered, [ro])
+    with pytest.raises(PromptMismatchError, match="tokens, generation consumed"):
+        check_prompt_alignment(batch, [replace(ro, consumed_prompt_ids=ro.consumed_prompt_ids[1:])])
+    other_pixels = {**batch, "pixel_values": batch["pixel_values"] + 1}
+    with pytest.raises(PromptMismatchError, match="image pixels differ"):
+        check_prompt_alignment(other_pixels, [ro])
     bad_mask = {**batch, "supervised_mask": batch["supervised_mask"].clone()}
     bad_mask["supervised_mask"][0, 2] = True  # a prompt position
     with pytest.raises(SupervisionSpanError):
         check_supervision_span(bad_mask, [3])
+
+
+def test_prompt_check_compares_with_what_generation_consumed(trainer2, shapes_dir, monkeypatch):
+    """The check used to compare the teacher-forced prompt with the very objects it was built from, so it
+    could not fail. An engine that feeds generate something else (here: a padding bug dropping a prompt
+    token) must now stop training with PromptMismatchError."""
+    import src.trainers.rollout as rollout
+    from src.trainers.rollout_matching import PromptMismatchError
+
+    real = rollout.left_padded_prompts
+
+    def dropping_first_token(prompts, pad_id):
+        batch = real(prompts, pad_id)
+        batch["input_ids"] = torch.cat([torch.full_like(batch["input_ids"][:, :1], pad_id), batch["input_ids"][:, :-1]], dim=1)
+        return batch
+
+    monkeypatch.setattr(rollout, "left_padded_prompts", dropping_first_token)
+    inputs = stage2_inputs(trainer2, records(shapes_dir, 2))
+    trainer2.model.train()
+    with pytest.raises(PromptMismatchError, match="sample 0: teacher-forced prompt ids differ from the ids generation consumed"):
+        trainer2.compute_loss(trainer2.model, inputs)
 
 
 # ------------------------------------------------------------------------------ gradient flow
@@ -296,7 +331,6 @@ def test_long_rollout_at_the_cap_trains_with_selective_logits_and_is_counted(tin
     error), its complete objects kept, and logits computed only at the supervised positions."""
     from src.data.objects import DetObject
     from src.data.serialize import serialize_objects
-    from src.trainers.rollout import Rollout
 
     cap = 3000
     cfg = make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path, custom={"extra": {"rollout_matching": {"max_new_tokens": cap}}})
@@ -305,7 +339,7 @@ def test_long_rollout_at_the_cap_trains_with_selective_logits_and_is_counted(tin
     inputs = stage2_inputs(tr, recs)
     objs = [DetObject(f"shape {i % 7}", "bbox_2d", (i % 900, (7 * i) % 900, i % 900 + 40, (7 * i) % 900 + 60)) for i in range(200)]
     long_ids = tr.table.encode(serialize_objects(objs))[:cap]
-    tr.rollout_backend.generate = lambda model, prompts, synced_gpus=False: [Rollout(p, list(long_ids), hit_max_new_tokens=True) for p in prompts]
+    tr.rollout_backend.generate = lambda model, prompts, synced_gpus=False: [fake_rollout(p, long_ids, hit_max_new_tokens=True) for p in prompts]
     rows = []
     handle = tr.model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape))
     try:
@@ -321,3 +355,149 @@ def test_long_rollout_at_the_cap_trains_with_selective_logits_and_is_counted(tin
     (shape,) = rows
     supervised = s["ce_count"] + s["coord_count"]
     assert shape[0] == supervised and supervised < 0.2 * cap  # logits only where supervised, not over ~3,000 positions
+
+
+# ------------------------------------------------- rollout window and loss normalisation (GA, ranks)
+
+
+def step_gradient(tiny_model_dirs, shapes_dir, out, per_device: int, ga: int, **rm) -> dict[str, torch.Tensor]:
+    """The gradient of the first optimizer step, as the Trainer's loop accumulated it (before the step)."""
+    from transformers import TrainerCallback
+
+    grads: dict[str, torch.Tensor] = {}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    cfg = make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, out, custom={"extra": {"rollout_matching": rm}},
+                   training={"per_device_train_batch_size": per_device, "gradient_accumulation_steps": ga, "max_steps": 1,
+                             "max_grad_norm": 0.0})
+    tr = make_trainer(cfg)
+    tr.add_callback(Capture())
+    tr.train()
+    assert grads
+    return grads
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a if a[k].norm() > 0)
+
+
+@pytest.mark.parametrize("normalization", ["sample", "token"])
+def test_gradient_accumulation_2x1_equals_a_batch_of_2_through_the_trainer(tiny_model_dirs, shapes_dir, tmp_path, normalization):
+    """Both loss normalisations are exact under gradient accumulation: the Trainer's own loop with
+    accumulation 2 x batch 1 gives the gradient of one batch of 2. (Across ranks: tests/test_distributed.py.)"""
+    one = step_gradient(tiny_model_dirs, shapes_dir, tmp_path / "b2", 2, 1, loss_normalization=normalization)
+    two = step_gradient(tiny_model_dirs, shapes_dir, tmp_path / "ga2", 1, 2, loss_normalization=normalization)
+    assert max_relative_difference(one, two) < 1e-5
+
+
+def test_token_normalisation_weighs_positions_not_samples(tiny_model_dirs, shapes_dir, tmp_path):
+    """The two schemes give different steps when samples have different numbers of supervised positions
+    (here: different FN tails), and 'token' equals the hand-computed mean over all positions."""
+    sample = step_gradient(tiny_model_dirs, shapes_dir, tmp_path / "s", 2, 1, loss_normalization="sample")
+    token = step_gradient(tiny_model_dirs, shapes_dir, tmp_path / "t", 2, 1, loss_normalization="token")
+    assert max_relative_difference(sample, token) > 1e-2
+
+    from src.losses.supervised import teacher_forced_losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 1100, requires_grad=True)
+    ce = torch.tensor([3, 4, -100, 5, 6, 7, 8])
+    bins = torch.full((7,), -1)
+    sample_idx = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    coord_ids = torch.arange(100, 1100)  # no position is a coord position in this check
+    out = teacher_forced_losses(logits, ce, bins, torch.ones(7, dtype=torch.long), sample_idx, 2, coord_ids, token_denominator=6.0)
+    per_token = torch.nn.functional.cross_entropy(logits[ce >= 0], ce[ce >= 0], reduction="sum") / 6.0
+    assert torch.allclose(out.loss, per_token)
+
+
+def test_one_rollout_call_per_optimizer_step_equals_per_micro_batch(tiny_model_dirs, shapes_dir, tmp_path):
+    """rollout_window: optimizer_step rolls the 2 micro-batches of a step out in ONE engine call and trains
+    exactly as rolling each out before its forward (greedy, fp32): same rollouts, losses and counters."""
+    def run(window: str):
+        cfg = make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path / window,
+                       custom={"extra": {"rollout_matching": {"rollout_window": window, "log_rollout_samples": 4}}},
+                       training={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "max_steps": 2})
+        tr = make_trainer(cfg)
+        calls = []
+        generate = tr.rollout_backend.generate
+        tr.rollout_backend.generate = lambda model, prompts, synced_gpus=False: (calls.append(len(prompts)), generate(model, prompts, synced_gpus))[1]
+        tr.train()
+        logs = [h for h in tr.state.log_history if "loss" in h]
+        rollouts = [json.loads(line) for line in (Path(cfg.training.args["output_dir"]) / "rollouts.jsonl").read_text().splitlines()]
+        return calls, logs, rollouts
+
+    calls_step, logs_step, ro_step = run("optimizer_step")
+    calls_micro, logs_micro, ro_micro = run("micro_batch")
+    assert calls_step == [2, 2] and calls_micro == [1, 1, 1, 1]
+    assert [r["response_token_ids"] for r in ro_step] == [r["response_token_ids"] for r in ro_micro] and len(ro_step) == 4
+    for a, b in zip(logs_step, logs_micro):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        for k in a:
+            if k.startswith(("rollout/", "loss/", "tokens/")):
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+
+
+def test_token_normalisation_needs_the_optimizer_step_window(tiny_model_dirs, shapes_dir, tmp_path):
+    with pytest.raises(ConfigError, match="loss_normalization: token needs rollout_window: optimizer_step"):
+        make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path, custom={"extra": {"rollout_matching": {
+            "loss_normalization": "token", "rollout_window": "micro_batch"}}})
+
+
+# ------------------------------------------------------------------ explicit sampling parameters
+
+
+def test_sampling_inherits_nothing_from_the_checkpoints_generation_config(tiny_model_dirs, tmp_path):
+    """A checkpoint whose generation_config.json sets top_k 20, min_p, typical_p, a temperature, a
+    repetition penalty and suppressed tokens: our 'sample' rollout equals plain sampling with temperature 1,
+    top_k off, top_p 1 and nothing else (same seed), and 'greedy' stays argmax decoding."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from src.models.loading import load_model_and_processor
+    from src.data.prompt import prompt_text
+    from src.trainers.encoding import encode_prompt, left_padded_prompts
+    from src.trainers.rollout import DecodeSettings, HFRolloutBackend
+    from src.rollout_matching.tokens import token_table
+    from PIL import Image
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dirs["qwen3_vl"], ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "top_k": 20, "top_p": 0.5, "min_p": 0.2, "typical_p": 0.4, "temperature": 0.3,
+        "repetition_penalty": 1.5, "suppress_tokens": list(range(100, 5000)), "epsilon_cutoff": 0.0003,
+    }))
+    model, processor = load_model_and_processor(ckpt)
+    assert model.generation_config.top_k == 20  # the checkpoint's settings are there to be inherited
+    table = token_table(processor.tokenizer)
+    prompt = encode_prompt(processor, Image.new("RGB", (64, 64), (90, 30, 200)), prompt_text(processor))
+    pad = processor.tokenizer.pad_token_id
+    batch = left_padded_prompts([prompt], pad)
+    L = batch["input_ids"].shape[1]
+
+    def ours(mode: str, seed: int) -> list[int]:
+        s = DecodeSettings(decode_mode=mode, max_new_tokens=12, temperature=1.0 if mode == "sample" else 0.0, top_k=0, top_p=1.0)
+        torch.manual_seed(seed)
+        return HFRolloutBackend(s, eos_id=table.im_end_id, pad_id=pad).generate(model, [prompt])[0].response_ids
+
+    def reference(do_sample: bool, seed: int) -> list[int]:
+        saved = model.generation_config
+        model.generation_config = GenerationConfig()
+        try:
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                out = model.eval().generate(**batch, max_new_tokens=12, do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0,
+                                            eos_token_id=[table.im_end_id, pad], pad_token_id=pad)
+        finally:
+            model.generation_config = saved
+        ids = out[0, L:].tolist()
+        stop = next((k for k, t in enumerate(ids) if t in (table.im_end_id, pad)), None)
+        return ids if stop is None else ids[: stop + 1] if ids[stop] == table.im_end_id else ids[:stop]
+
+    for seed in (0, 1):
+        assert ours("sample", seed) == reference(True, seed)
+    assert ours("greedy", 0) == reference(False, 0)
+    assert ours("sample", 0) != ours("sample", 1)  # really sampling

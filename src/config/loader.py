@@ -256,6 +256,9 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError(f"custom.extra.rollout_matching.top_p: must be in (0, 1], got {rm.top_p}")
     if rm.top_k < 0 or rm.repetition_penalty <= 0:
         raise ConfigError("custom.extra.rollout_matching.top_k: must be >= 0 (and repetition_penalty > 0)")
+    if rm.loss_normalization == "token" and rm.rollout_window != "optimizer_step":
+        raise ConfigError("custom.extra.rollout_matching.loss_normalization: token needs rollout_window: optimizer_step "
+                          "(the step's supervised tokens are counted before its first backward)")
     for k in ("ce_weight", "coord_weight"):
         if getattr(rm, k) < 0:
             raise ConfigError(f"custom.extra.rollout_matching.{k}: must be >= 0")

@@ -115,6 +115,7 @@ class RolloutMatchingConfig:
     top_k: int = opt(0, "Top-k sampling (0 = off; sample mode).")
     repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
     decode_batch_size: int = opt(8, "Rollouts generated together (left-padded) per generate call.")
+    rollout_window: Literal["optimizer_step", "micro_batch"] = opt("optimizer_step", "'optimizer_step' = the micro-batches of one optimizer step (gradient accumulation) are rolled out together in one engine call before the first of them trains (the weights are the same for all of them), then each runs its own forward; decode_batch_size may exceed per_device_train_batch_size. 'micro_batch' = each micro-batch is rolled out just before its forward.")
     candidate_top_k: int = opt(5, "GT candidates per prediction (by box IoU, centre distance when all are 0) before maskIoU.")
     maskiou_gate: float = opt(0.3, "Pairs with maskIoU below this are infeasible (counted in rollout/gating_rejections).")
     maskiou_resolution: int = opt(256, "Canvas side R for the raster maskIoU backend.")
@@ -127,6 +128,7 @@ class RolloutMatchingConfig:
     supervise_eos: bool = opt(True, "Supervise the closing '}' and <|im_end|> of Y_train with CE.")
     ce_weight: float = opt(1.0, "Weight of loss/ce in the total.")
     coord_weight: float = opt(1.0, "Weight of loss/coord in the total.")
+    loss_normalization: Literal["sample", "token"] = opt("sample", "'sample' = each sample's loss is ce_weight * its mean CE + coord_weight * its mean coord loss, averaged over the optimizer step's samples (every sample weighs the same, however long its tail). 'token' = the sum of ce_weight * CE and coord_weight * coord loss over every supervised position of the optimizer step, divided by their number (across gradient accumulation and ranks; needs rollout_window: optimizer_step).")
     log_rollout_samples: int = opt(4, "Rollout samples appended to rollouts.jsonl per logging step (0 = off).")
     repeat_guard: RepeatGuardConfig = sub(RepeatGuardConfig, "Degenerate-loop guard.")
 

@@ -4,13 +4,20 @@ Inputs are the logits at the supervised positions only (``[N, V]``, flattened ov
 each of those positions, what supervises it: a CE target token (or -100), a coord target bin (or -1),
 the coord segment (0 = rollout prefix, 1 = tail / stage-1 GT) and the sample it belongs to.
 
-Normalisation (one scheme, used by both stages, tested):
-    loss_s    = ce_weight * mean_CE(sample s) + coord_weight * mean_coord(sample s)
-                (a mean over zero positions is 0: a sample with nothing supervised adds exactly 0)
-    loss      = sum_s loss_s / num_samples(micro-batch)
+Normalisation (two schemes; ``rollout_matching.loss_normalization``, tested):
+    sample (default, both stages):
+        loss_s = ce_weight * mean_CE(sample s) + coord_weight * mean_coord(sample s)
+                 (a mean over zero positions is 0: a sample with nothing supervised adds exactly 0)
+        loss   = sum_s loss_s / num_samples(micro-batch)
+    token (``token_denominator`` given):
+        loss   = (ce_weight * sum CE + coord_weight * sum coord) over the micro-batch's positions
+                 / token_denominator
+        where the trainer passes token_denominator = (supervised positions of the whole optimizer step,
+        all micro-batches and ranks) / (accumulation steps * world size).
 The Trainer divides by gradient_accumulation_steps (``loss_is_scaled_for_ga = False``) and DDP averages
-gradients over ranks, so an optimizer step minimises the mean over ALL its samples of loss_s; gradient
-accumulation 2x1 therefore equals a batch of 2.
+gradients over ranks, so an optimizer step minimises the mean over ALL its samples of loss_s (sample), or
+the mean over ALL its supervised positions (token); gradient accumulation 2x1 therefore equals a batch of
+2 under both.
 
 Reported figures are token-weighted sums (``*_sum`` / ``*_count``) so that ``loss/ce`` is the mean over
 all CE tokens of the logging window and ``loss/coord`` the mean over all coord positions.
@@ -143,6 +150,7 @@ def teacher_forced_losses(
     target_sigma: float = 2.0,
     target_truncate: int | None = None,
     temperature: float = 1.0,
+    token_denominator: float | None = None,
 ) -> LossOutput:
     """Masked CE + coord loss.
 
@@ -153,6 +161,8 @@ def teacher_forced_losses(
         coord_segment: ``[N]`` long, SEGMENT_PREFIX or SEGMENT_TAIL (only read at coord positions).
         sample_idx: ``[N]`` long, index 0..num_samples-1 of the sample each position belongs to.
         coord_ids: ``[1000]`` long, vocabulary ids of ``<|coord_0..999|>``.
+        token_denominator: None = per-sample normalisation; else the token normalisation's divisor
+            (see the module docstring).
     """
     if logits.shape[0] != ce_targets.shape[0]:
         raise ValueError(f"logits rows {logits.shape[0]} != supervised positions {ce_targets.shape[0]}")
@@ -176,7 +186,12 @@ def teacher_forced_losses(
     coord_tok = weighted_coord_loss(terms, soft_ce_weight, w1_weight, gate_weight)  # [n_coord]
     coord_per_sample = _segment_mean(coord_tok, sample_idx.index_select(0, coord_rows), num_samples)
 
-    loss = (ce_weight * ce_per_sample + coord_weight * coord_per_sample).sum() / max(num_samples, 1)
+    if token_denominator is None:
+        loss = (ce_weight * ce_per_sample + coord_weight * coord_per_sample).sum() / max(num_samples, 1)
+    else:
+        if token_denominator <= 0:
+            raise ValueError(f"token_denominator must be > 0, got {token_denominator}")
+        loss = (ce_weight * ce_tok.sum() + coord_weight * coord_tok.sum()) / token_denominator
     if not ce_tok.numel() and not coord_tok.numel():
         loss = loss + logits.sum() * 0.0  # keep the graph connected (DDP) with an exact zero
 

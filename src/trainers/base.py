@@ -58,7 +58,7 @@ class DetectionTrainer(Trainer):
 
     # ------------------------------------------------------------------------- teacher-forced pass
 
-    def supervised_forward(self, model, batch: dict, sources: list[str] | None = None) -> LossOutput:
+    def supervised_forward(self, model, batch: dict, sources: list[str] | None = None, token_denominator: float | None = None) -> LossOutput:
         """ONE forward on the teacher-forced batch; logits only at supervised positions.
 
         NaN/inf logits stop the run with :class:`NonFiniteLogitsError` naming the optimizer step and the
@@ -71,7 +71,7 @@ class DetectionTrainer(Trainer):
             raise RuntimeError(f"selective logits returned shape {tuple(logits.shape)}; expected [{int(mask.sum())}, V]")
         sample_idx = mask.nonzero(as_tuple=True)[0]
         try:
-            return self._losses(logits, batch, mask, sample_idx)
+            return self._losses(logits, batch, mask, sample_idx, token_denominator)
         except NonFiniteLogitsError as e:
             who = ", ".join(f"sample {i}" + (f" ({sources[i]})" if sources and i < len(sources) else "") for i in e.samples)
             raise NonFiniteLogitsError(
@@ -79,7 +79,7 @@ class DetectionTrainer(Trainer):
                 "the model produced NaN/inf (diverged weights or fp16 overflow): lower the learning rate, use bf16/fp32, "
                 "or resume from an earlier checkpoint", e.samples) from None
 
-    def _losses(self, logits, batch: dict, mask, sample_idx) -> LossOutput:
+    def _losses(self, logits, batch: dict, mask, sample_idx, token_denominator: float | None = None) -> LossOutput:
         c = self.run_config.custom.coord_soft_ce_w1
         rm = self.run_config.rollout_matching
         stage2 = self.run_config.custom.trainer_variant == "rollout_matching_sft"
@@ -89,6 +89,7 @@ class DetectionTrainer(Trainer):
             ce_weight=rm.ce_weight if stage2 else 1.0, coord_weight=rm.coord_weight if stage2 else 1.0,
             soft_ce_weight=c.soft_ce_weight, w1_weight=c.w1_weight, gate_weight=c.gate_weight,
             target_sigma=c.target_sigma, target_truncate=c.target_truncate, temperature=c.temperature,
+            token_denominator=token_denominator,
         )
 
     def record_losses(self, out: LossOutput, num_samples: int) -> None:

@@ -74,6 +74,20 @@ def encode_prompt(processor, image, prompt: str | None = None) -> PromptEncoding
     )
 
 
+def image_digests(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[str]:
+    """sha1 of each image's rows of a batch's concatenated ``pixel_values`` (``[sum_i t*h*w, D]``; image i
+    owns ``prod(image_grid_thw[i])`` rows, in order)."""
+    rows = image_grid_thw.prod(dim=-1).tolist()
+    out, start = [], 0
+    for n in rows:
+        block = pixel_values[start : start + n].detach().cpu().contiguous()
+        out.append(hashlib.sha1(block.view(torch.uint8).numpy().tobytes()).hexdigest())
+        start += n
+    if start != pixel_values.shape[0]:
+        raise ValueError(f"image_grid_thw accounts for {start} pixel rows, pixel_values has {pixel_values.shape[0]}")
+    return out
+
+
 def stack_images(prompts: Sequence[PromptEncoding]) -> dict[str, torch.Tensor]:
     return {
         "pixel_values": torch.cat([p.pixel_values for p in prompts], dim=0),

@@ -16,7 +16,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-from src.trainers.encoding import PromptEncoding, left_padded_prompts
+from src.trainers.encoding import PromptEncoding, image_digests, left_padded_prompts
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Rollout:
     response_ids: list[int]
     hit_max_new_tokens: bool
     stopped_by_guard: bool = False
+    # What the engine actually consumed for this row (checked against the teacher-forced forward):
+    consumed_prompt_ids: tuple[int, ...] = ()   # the prompt ids, padding removed
+    consumed_image_digest: str = ""             # sha1 of the pixel rows passed to the engine
 
 
 class RepeatGuardCriteria:
@@ -87,25 +90,58 @@ class RolloutBackend(Protocol):
 
 
 def build_generation_config(s: DecodeSettings, eos_id: int, pad_id: int):
+    """A GenerationConfig where every field that shapes the next-token distribution is set.
+
+    transformers fills each field left ``None`` from the checkpoint's ``generation_config.json`` (a
+    Qwen3-VL checkpoint would turn sampling into top_k 20 with its own temperature / top_p) or from
+    global defaults (top_k 50). Neutral values switch a processor off: ``top_k=0``, ``top_p=1.0``,
+    ``typical_p=1.0``, ``epsilon_cutoff=eta_cutoff=0.0``, penalties 1.0. Fields whose only neutral value is
+    ``None`` (``min_p``, ``top_h``, ``suppress_tokens``, ``bad_words_ids``, ``sequence_bias``, ...) are kept
+    from the checkpoint by :func:`neutral_model_defaults` during generation."""
     from transformers import GenerationConfig
 
     sample = s.decode_mode == "sample"
     return GenerationConfig(
         max_new_tokens=s.max_new_tokens,
+        min_new_tokens=0,
+        min_length=0,
         do_sample=sample,
         num_beams=s.num_beams if s.decode_mode == "beam" else 1,
         num_return_sequences=1,  # beam: the best beam only
         temperature=s.temperature if sample else 1.0,
         top_p=s.top_p if sample else 1.0,
-        top_k=(s.top_k or None) if sample else None,
+        top_k=s.top_k if sample else 0,  # 0 = off
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
         repetition_penalty=s.repetition_penalty,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
         eos_token_id=[eos_id, pad_id],  # <|im_end|> ends the turn; <|endoftext|> too (as in Qwen's own config)
         pad_token_id=pad_id,
         use_cache=True,
         length_penalty=1.0,
         early_stopping=True if s.decode_mode == "beam" else False,
-        no_repeat_ngram_size=0,
+        output_scores=False,
+        return_dict_in_generate=False,
     )
+
+
+@contextlib.contextmanager
+def neutral_model_defaults(model) -> Iterator[None]:
+    """Generate with an empty ``model.generation_config``, so that nothing left ``None`` in ours is
+    filled from the checkpoint's ``generation_config.json`` (restored on exit)."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @contextlib.contextmanager
@@ -150,21 +186,25 @@ class HFRolloutBackend:
             for i in range(0, len(prompts), bs):
                 chunk = prompts[i : i + bs]
                 batch = left_padded_prompts(chunk, self.pad_id)
+                digests = image_digests(batch["pixel_values"], batch["image_grid_thw"])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
                 L = batch["input_ids"].shape[1]
                 guard = RepeatGuardCriteria(self.table, self.guard, L, (self.eos_id, self.pad_id)) if self.guard else None
                 kwargs = {"stopping_criteria": [guard]} if guard else {}
-                seqs = model.generate(**batch, generation_config=self.generation_config, synced_gpus=synced_gpus, **kwargs)
+                with neutral_model_defaults(model):
+                    seqs = model.generate(**batch, generation_config=self.generation_config, synced_gpus=synced_gpus, **kwargs)
                 guard_hits = guard.stopped_rows if guard else set()
                 for b, p in enumerate(chunk):
                     resp = seqs[b, L:].tolist()
+                    consumed = tuple(seqs[b, L - p.input_ids.numel() : L].tolist())  # the generated sequence's own prompt part
                     # Cut at <|im_end|> (kept: the parser's hard stop) or at <|endoftext|> (dropped): the
                     # model's own end token, or the padding that follows a row that stopped early.
                     stop = next((k for k, t in enumerate(resp) if t in (self.eos_id, self.pad_id)), None)
                     if stop is not None:
                         resp = resp[: stop + 1] if resp[stop] == self.eos_id else resp[:stop]
                     hit_cap = stop is None and len(resp) >= self.settings.max_new_tokens
-                    out.append(Rollout(prompt=p, response_ids=resp, hit_max_new_tokens=hit_cap, stopped_by_guard=b in guard_hits))
+                    out.append(Rollout(prompt=p, response_ids=resp, hit_max_new_tokens=hit_cap, stopped_by_guard=b in guard_hits,
+                                       consumed_prompt_ids=consumed, consumed_image_digest=digests[b]))
         self.last_stats = {"seconds": time.perf_counter() - t0, "new_tokens": float(sum(len(r.response_ids) for r in out))}
         return out

@@ -16,10 +16,12 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from src.config.loader import ConfigError
 from src.data.contract import Record
@@ -27,8 +29,8 @@ from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.parser import ParseResult, parse_rollout
 from src.rollout_matching.stats import match_kwargs
 from src.rollout_matching.targets import TrainTarget, build_train_target
-from src.trainers.base import DetectionTrainer
-from src.trainers.encoding import PromptEncoding, SupervisedSequence, encode_prompt, load_image, right_padded_teacher_forced
+from src.trainers.base import DetectionTrainer, world
+from src.trainers.encoding import SupervisedSequence, encode_prompt, image_digests, load_image, right_padded_teacher_forced
 from src.trainers.metrics import ratio
 from src.trainers.registry import register
 from src.trainers.rollout import Rollout
@@ -68,16 +70,49 @@ class RolloutCollator:
         return {"records": records, "prompts": prompts}
 
 
-def check_prompt_alignment(batch: dict[str, torch.Tensor], prompts: Sequence[PromptEncoding]) -> None:
-    """The forward's prompt ids must equal the rollout's (length + hash); raise otherwise."""
+def check_prompt_alignment(batch: dict[str, torch.Tensor], rollouts: Sequence[Rollout]) -> None:
+    """The teacher-forced forward must see exactly what generation consumed: the same prompt ids (as the
+    engine reports them, padding removed) and the same image pixels (sha1 of each image's rows). Raise
+    :class:`PromptMismatchError` naming the sample otherwise."""
     start = batch["assistant_start"]
-    for b, p in enumerate(prompts):
+    digests = image_digests(batch["pixel_values"], batch["image_grid_thw"])
+    for b, ro in enumerate(rollouts):
         n = int(start[b])
-        if n != p.input_ids.numel():
-            raise PromptMismatchError(f"sample {b}: teacher-forced prompt has {n} tokens, the rollout's has {p.input_ids.numel()}")
-        got = PromptEncoding(batch["input_ids"][b, :n].cpu(), p.mm_token_type_ids, p.pixel_values, p.image_grid_thw)
-        if got.digest() != p.digest():
-            raise PromptMismatchError(f"sample {b}: teacher-forced prompt ids differ from the rollout prompt (hash {got.digest()[:12]} != {p.digest()[:12]})")
+        consumed = ro.consumed_prompt_ids
+        if n != len(consumed):
+            raise PromptMismatchError(f"sample {b}: the teacher-forced prompt has {n} tokens, generation consumed {len(consumed)}")
+        ids = batch["input_ids"][b, :n].tolist()
+        if ids != list(consumed):
+            k = next(i for i, (x, y) in enumerate(zip(ids, consumed)) if x != y)
+            raise PromptMismatchError(f"sample {b}: teacher-forced prompt ids differ from the ids generation consumed "
+                                      f"(first at position {k}: {ids[k]} != {consumed[k]})")
+        if digests[b] != ro.consumed_image_digest:
+            raise PromptMismatchError(f"sample {b}: the teacher-forced image pixels differ from the ones generation consumed "
+                                      f"(sha1 {digests[b][:12]} != {ro.consumed_image_digest[:12]})")
+
+
+@dataclass
+class MicroBatchPlan:
+    """What the pipeline made of one micro-batch before its forward: the rollouts, per sample (parse,
+    match, target), the teacher-forced batch (CPU tensors) and the seconds spent (the rollout time of a
+    window is shared out by sample count)."""
+
+    rollouts: list[Rollout]
+    built: list[tuple[ParseResult, Any, TrainTarget]]
+    batch: dict[str, torch.Tensor]
+    rollout_s: float = 0.0
+    targets_s: float = 0.0
+
+
+@dataclass
+class RolloutWindow:
+    """The micro-batches of one optimizer step (``rollout_window: optimizer_step``): rolled out together
+    the first time one of them trains; ``token_count`` = the step's supervised positions over all ranks
+    (``loss_normalization: token``)."""
+
+    batches: list[dict]
+    plans: list[MicroBatchPlan] | None = None
+    token_count: float | None = None
 
 
 def check_supervision_span(batch: dict[str, torch.Tensor], y_lengths: Sequence[int]) -> None:
@@ -189,32 +224,86 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
             out.append((parsed, match, target))
         return out
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        records: list[Record] = inputs["records"]
-        prompts: list[PromptEncoding] = inputs["prompts"]
-
-        t0 = time.perf_counter()
-        rollouts = self.rollout_backend.generate(self.rollout_model(model), prompts, synced_gpus=self.synced_gpus())
-        t1 = time.perf_counter()
+    def plan(self, records: Sequence[Record], rollouts: Sequence[Rollout]) -> MicroBatchPlan:
+        """Parse -> match -> targets -> the teacher-forced batch (CPU) for one micro-batch, checked: the
+        forward's prompt is what generation consumed, every supervised position lies in Y_train."""
         built = self.build_targets(records, rollouts)
         seqs = []
         for ro, (_, _, tgt) in zip(rollouts, built):
             ce, bins, seg = tgt.supervision_arrays()
             seqs.append(SupervisedSequence(prompt=ro.prompt, assistant_ids=list(tgt.y_ids), ce_targets=ce, coord_bins=bins, coord_segment=seg))
         batch = right_padded_teacher_forced(seqs, self.processor.tokenizer.pad_token_id)
-        check_prompt_alignment(batch, [ro.prompt for ro in rollouts])
+        check_prompt_alignment(batch, rollouts)
         check_supervision_span(batch, [len(t.y_ids) for _, _, t in built])
-        t2 = time.perf_counter()
-        self._pipeline_s = t2 - t0
+        return MicroBatchPlan(list(rollouts), built, batch)
 
-        batch = self._prepare_inputs(batch)
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The Trainer fetches the micro-batches of one optimizer step here, before any of them trains.
+        With ``rollout_window: optimizer_step`` they share one :class:`RolloutWindow`, rolled out when the
+        first of them trains (after the Trainer has restored RNG states on resume)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.run_config.rollout_matching.rollout_window == "optimizer_step" and batches:
+            window = RolloutWindow(batches)
+            for i, b in enumerate(batches):
+                b["window"], b["window_index"] = window, i
+        return batches, num_items
+
+    def plan_window(self, window: RolloutWindow) -> None:
+        """ONE engine call for every prompt of the optimizer step (the weights cannot change before its
+        last backward, so each micro-batch gets exactly the rollouts it would get alone), then each
+        micro-batch's plan; with ``loss_normalization: token`` the step's supervised positions are
+        counted over all micro-batches and ranks."""
+        t0 = time.perf_counter()
+        prompts = [p for b in window.batches for p in b["prompts"]]
+        rollouts = self.rollout_backend.generate(self.rollout_model(), prompts, synced_gpus=self.synced_gpus())
+        rollout_s = time.perf_counter() - t0
+        plans, start = [], 0
+        for b in window.batches:
+            n = len(b["records"])
+            t1 = time.perf_counter()
+            plan = self.plan(b["records"], rollouts[start : start + n])
+            plan.rollout_s, plan.targets_s = rollout_s * n / len(prompts), time.perf_counter() - t1
+            plans.append(plan)
+            start += n
+        window.plans = plans
+        if self.run_config.rollout_matching.loss_normalization == "token":
+            count = torch.tensor([float(sum(int(p.batch["supervised_mask"].sum()) for p in plans))], dtype=torch.float64)
+            if world()[1] > 1:  # every rank plans the same number of windows: the same collectives in the same order
+                count = count.to(self.args.device)
+                dist.all_reduce(count, op=dist.ReduceOp.SUM)
+            window.token_count = float(count.item())
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        records: list[Record] = inputs["records"]
+        window: RolloutWindow | None = inputs.get("window")
+        if window is not None:
+            if window.plans is None:
+                t0 = time.perf_counter()
+                self.plan_window(window)
+                self._pipeline_s = time.perf_counter() - t0
+            plan = window.plans[inputs["window_index"]]
+        else:  # rollout_window: micro_batch (or a caller outside the training loop)
+            t0 = time.perf_counter()
+            rollouts = self.rollout_backend.generate(self.rollout_model(model), inputs["prompts"], synced_gpus=self.synced_gpus())
+            t1 = time.perf_counter()
+            plan = self.plan(records, rollouts)
+            plan.rollout_s, plan.targets_s = t1 - t0, time.perf_counter() - t1
+            self._pipeline_s = time.perf_counter() - t0
+
+        batch = self._prepare_inputs(plan.batch)
         batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
-        out = self.supervised_forward(model, batch, sources=[r.source for r in records])  # the ONE teacher-forced forward
+        denominator = None
+        if self.run_config.rollout_matching.loss_normalization == "token" and model.training:
+            if window is None or window.token_count is None:
+                raise RuntimeError("loss_normalization: token needs the optimizer step's token count (rollout_window: optimizer_step)")
+            # the Trainer divides by the accumulation steps and DDP averages over ranks: undo both here
+            denominator = max(window.token_count, 1.0) / (self.current_gradient_accumulation_steps * world()[1])
+        out = self.supervised_forward(model, batch, sources=[r.source for r in records], token_denominator=denominator)  # the ONE teacher-forced forward
 
         if model.training:
             self.record_losses(out, len(records))
-            self._record_rollout_counters(records, rollouts, built, rollout_s=t1 - t0, targets_s=t2 - t1)
-            self._keep_samples(records, rollouts, built)
+            self._record_rollout_counters(records, plan.rollouts, plan.built, rollout_s=plan.rollout_s, targets_s=plan.targets_s)
+            self._keep_samples(records, plan.rollouts, plan.built)
         return (out.loss, None) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
