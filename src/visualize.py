@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from src.data.contract import DataError
+from src.data.images import load_image
 from src.eval import ImagePredictions, read_predictions
 
 GATE = 0.5
@@ -89,7 +90,6 @@ def render(im: ImagePredictions):
     from src.config.schema import RolloutMatchingConfig
     from src.rollout_matching.matcher import match_objects
     from src.rollout_matching.stats import match_kwargs
-    from src.trainers.encoding import load_image
 
     m = match_objects(im.pred, im.gt, **match_kwargs(RolloutMatchingConfig(), maskiou_gate=GATE))
     matched_gt = {j for _, j in m.matches}

@@ -69,6 +69,19 @@ def test_infer_bad_inputs_exit_2(tmp_path, capsys, shapes, tiny_model_dirs):
     assert not (tmp_path / "p.jsonl").exists()
 
 
+def test_infer_refuses_a_record_whose_size_differs_from_its_image(tmp_path, capsys, shapes, tiny_model_dirs, monkeypatch):
+    rows = [json.loads(x) for x in shapes.read_text().splitlines()][:2]
+    rows[1]["height"] += 10
+    bad = shapes.parent / "size_mismatch.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(infer, "load_model", lambda *a: pytest.fail("model loaded before the image sizes were checked"))
+    assert infer.main(["--model", str(tiny_model_dirs["qwen3_vl"]), "--jsonl", str(bad), "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "size_mismatch.jsonl:2: the record says 64x74 (width x height) but" in err[0], err
+    assert "is 64x64 (stored pixels, EXIF orientation not applied)" in err[0]
+    assert not (tmp_path / "p.jsonl").exists()
+
+
 def test_visualize_writes_pictures_and_index(tmp_path, pred_file):
     from PIL import Image
 
