@@ -107,6 +107,16 @@ def test_visualize_bad_input_exits_2(tmp_path, capsys):
     assert len(err) == 1 and f"{bad}:1:" in err[0]
 
 
+def test_visualize_refuses_an_image_whose_size_differs_from_the_line(tmp_path, capsys, pred_file):
+    line = json.loads(pred_file.read_text().splitlines()[0])
+    line["width"] += 1
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps(line) + "\n")
+    assert visualize.main(["--pred", str(bad), "--out", str(tmp_path / "vis")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}:1: the record says 65x64 (width x height) but {line['image']} is 64x64" in err[0], err
+
+
 # ----------------------------------------------------------------------------------------- pictures
 
 
