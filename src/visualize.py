@@ -91,6 +91,18 @@ class PlacedLabel:
 
 
 @dataclass(frozen=True)
+class _Shape:
+    """One object to draw: flat pixel coordinates, outline colour and style, label text and side."""
+
+    geometry: str
+    pixels: Sequence[float]
+    colour: tuple[int, int, int]
+    label: str
+    dashed: bool
+    label_below: bool
+
+
+@dataclass(frozen=True)
 class Rendering:
     """One picture: the canvas (image area + footer), the matcher counts, the labels drawn (pairwise
     disjoint, inside the image area) and how many found no free room and were left out."""
@@ -259,31 +271,31 @@ def render(im: ImagePredictions) -> Rendering:
     draw = ImageDraw.Draw(area)
     font = _font(13)
 
-    objects = [  # (geometry, pixels, colour, label, dashed, label below)
-        *((o.geometry, px, COLOURS["gt" if j in matched_gt else "fn"], f"GT {o.desc}", j not in matched_gt, True)
+    shapes = [
+        *(_Shape(o.geometry, px, COLOURS["gt" if j in matched_gt else "fn"], f"GT {o.desc}", dashed=j not in matched_gt, label_below=True)
           for j, (o, px) in enumerate(zip(im.gt, im.gt_pixels))),
-        *((o.geometry, px, COLOURS["tp" if i in matched_pred else "fp"], f"{i + 1}. {o.desc}", False, False)
+        *(_Shape(o.geometry, px, COLOURS["tp" if i in matched_pred else "fp"], f"{i + 1}. {o.desc}", dashed=False, label_below=False)
           for i, (o, px) in enumerate(zip(im.pred, im.pred_pixels))),
     ]
     texts, requests = [], []
-    for geometry, px, colour, label, dashed, below in objects:
-        pts = _outline(geometry, px, scale, size)
-        _draw_outline(draw, pts, colour, dashed)
-        text = _fit_text(draw, font, label, size[0])
+    for shape in shapes:
+        pts = _outline(shape.geometry, shape.pixels, scale, size)
+        _draw_outline(draw, pts, shape.colour, shape.dashed)
+        text = _fit_text(draw, font, shape.label, size[0])
         w, h, _, _ = _label_size(draw, font, text)
         texts.append(text)
-        requests.append(LabelRequest(_bounds(pts), w, h, below))
+        requests.append(LabelRequest(_bounds(pts), w, h, shape.label_below))
     labels = []
-    for (_, _, colour, _, _, _), text, rect in zip(objects, texts, place_labels(requests, *size)):
+    for shape, text, rect in zip(shapes, texts, place_labels(requests, *size)):
         if rect is None:
             continue
         _, _, dx, dy = _label_size(draw, font, text)
         draw.rectangle([rect.x1, rect.y1, rect.x2 - 1, rect.y2 - 1], fill=(0, 0, 0))
-        draw.text((rect.x1 + dx, rect.y1 + dy), text, fill=colour, font=font)
-        labels.append(PlacedLabel(text, rect, colour))
+        draw.text((rect.x1 + dx, rect.y1 + dy), text, fill=shape.colour, font=font)
+        labels.append(PlacedLabel(text, rect, shape.colour))
 
     counts = ImageCounts(matched=len(m.matches), fp=len(m.fp), fn=len(m.fn))
-    hidden = len(objects) - len(labels)
+    hidden = len(shapes) - len(labels)
     footer = f"matched {counts.matched}  FP {counts.fp}  FN {counts.fn}" + ("  [truncated]" if im.truncated else "")
     if hidden:
         footer += f"  ({hidden} labels left out: no free room)"
