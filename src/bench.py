@@ -225,9 +225,10 @@ def bench_rollout(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
     import torch
 
     from src.data.contract import load_jsonl
+    from src.data.images import load_image
     from src.data.prompt import prompt_text
     from src.models.loading import load_model_and_processor
-    from src.trainers.encoding import encode_prompt, load_image
+    from src.trainers.encoding import encode_prompt
     from src.trainers.rollout import DecodeSettings, HFRolloutBackend
 
     model, processor = load_model_and_processor(assets.model_dir)

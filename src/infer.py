@@ -5,7 +5,8 @@
 Decoding (mode, max_new_tokens, batch size, repeat guard) comes from ``custom.extra.rollout_matching``
 of ``--config`` (a training config or a YAML with just that section); without it the defaults
 (greedy). Prompt, image loading, generation and parsing are the training code's own
-(``src.data.prompt``, ``src.trainers.encoding``, ``HFRolloutBackend``, ``parse_rollout``).
+(``src.data.prompt``, ``src.data.images``, ``src.trainers.encoding``, ``HFRolloutBackend``,
+``parse_rollout``).
 
 Output, one line per image, in input order (all coordinates in PIXELS; ``python -m src.eval`` reads it)::
 
@@ -22,8 +23,9 @@ GT: the JSONL's own pixel values when given in pixels, else its bins through the
 bins through :func:`src.data.coords.bins_to_pixels`, rounded to 3 decimals (round-trips to the same
 bins). The file is written to a temporary file next to ``--out`` and renamed at the end.
 
-A missing file, a bad record, a bad config or a directory that is not a model: one line on stderr,
-exit code 2.
+A missing file, a bad record, an image whose size differs from its record's ``width``/``height``
+(checked on the headers before the model loads), a bad config or a directory that is not a model: one
+line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from src.config.loader import ConfigError, load_rollout_matching
 from src.config.schema import RolloutMatchingConfig
 from src.data.contract import DataError, Record, load_jsonl
 from src.data.coords import bins_to_pixels
+from src.data.images import check_record_images
 from src.data.objects import DetObject
 
 PIXEL_DECIMALS = 3  # >= 3 keeps distinct bins distinct and round-trips to the same bins for any D >= 2
@@ -97,11 +100,12 @@ def run_inference(model, processor, records: Sequence[Record], rm: RolloutMatchi
     """Generate, parse and write one line per record to ``out`` (atomically: temp file + rename)."""
     from tqdm import tqdm
 
+    from src.data.images import load_image
     from src.data.prompt import prompt_text
     from src.rollout_matching.parser import parse_rollout
     from src.rollout_matching.repeat_guard import GuardSettings
     from src.rollout_matching.tokens import token_table
-    from src.trainers.encoding import encode_prompt, load_image
+    from src.trainers.encoding import encode_prompt
     from src.trainers.rollout import DecodeSettings, HFRolloutBackend
 
     table = token_table(processor.tokenizer)
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         records, _ = load_jsonl(args.jsonl, limit=args.limit)
         if not records:
             raise InferError(f"--jsonl {args.jsonl}: no records")
+        check_record_images(records)  # every image opens and has the record's width x height (headers only)
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

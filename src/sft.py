@@ -209,12 +209,12 @@ def check_data_parallel(trainer) -> str:
 
 def check_images_open(records) -> None:
     """Open every record's image header once (cheap: no pixel decoding), so a missing or unreadable
-    file is refused before any model loads, naming the JSONL file:line. Images that break later (during
-    training) still surface as a one-line DataError from the collator."""
-    from src.trainers.encoding import load_image
+    file, or one whose size differs from the record's ``width``/``height``, is refused before any model
+    loads, naming the JSONL file:line. Images that break later (during training) still surface as a
+    one-line DataError from the collator."""
+    from src.data.images import check_record_images
 
-    for r in records:
-        load_image(r.image, r.source, header_only=True)
+    check_record_images(records)
 
 
 def load_records(cfg: Config):

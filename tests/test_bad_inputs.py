@@ -151,6 +151,17 @@ def test_unreadable_image_refused_before_the_model_loads(capsys, tmp_path, shape
     refused_in_process(capsys, cfg, out, "garbage.jsonl:2", "cannot read image", "garbage.png")
 
 
+def test_record_size_differs_from_the_image_subprocess(tmp_path, shapes, tiny_model_dirs):
+    """The record says 96x64 but the file is 64x64: every target would be scaled wrongly. Refused
+    through ``python -m src.sft`` before any model loads, naming file:line and both sizes."""
+    data = mutate(shapes, "size_mismatch", lambda r: r.update(width=96))
+    image = shapes / good_lines(shapes)[1]["images"][0]
+    cfg, out = write_config(tmp_path, tiny_model_dirs["qwen3_vl"], data)
+    refused_subprocess(cfg, out, "size_mismatch.jsonl:2: the record says 96x64 (width x height) but",
+                       f"{image} is 64x64 (stored pixels, EXIF orientation not applied)",
+                       "fix the record's width/height or the image")
+
+
 def test_image_unreadable_during_training_is_one_line_too(capsys, tmp_path, shapes, tiny_model_dirs):
     """An image that breaks AFTER the load-time check (deleted / corrupted mid-run) raises DataError in
     the collator inside trainer.train(): the launcher still prints one line and exits 2."""

@@ -394,11 +394,12 @@ def test_train_then_replay_reproduces_the_logged_matches_and_y_train(tiny_model_
     the matcher and the prefix real work; everything after generation is the trainer's own code."""
     from src.config.loader import config_from_dict
     from src.data.contract import load_jsonl
+    from src.data.images import load_image
     from src.data.make_shapes import make_shapes
     from src.data.prompt import prompt_text
     from src.models.loading import load_model_and_processor
     from src.sft import run
-    from src.trainers.encoding import encode_prompt, load_image
+    from src.trainers.encoding import encode_prompt
     from src.trainers.rollout import HFRolloutBackend
     from tests.test_trainers import fake_rollout
 

@@ -14,11 +14,12 @@ import torch.distributed as dist
 from transformers import Trainer
 
 from src.config.schema import Config
+from src.data.images import load_image
 from src.data.prompt import prompt_text
 from src.losses.supervised import LossOutput, NonFiniteLogitsError, teacher_forced_losses
 from src.rollout_matching.repeat_guard import GuardSettings
 from src.rollout_matching.tokens import token_table
-from src.trainers.encoding import MODEL_INPUT_KEYS, encode_prompt, load_image
+from src.trainers.encoding import MODEL_INPUT_KEYS, encode_prompt
 from src.trainers.metrics import StepMetrics, ratio
 from src.trainers.rollout import DecodeSettings, HFRolloutBackend
 

@@ -8,10 +8,11 @@ from typing import Sequence
 from torch.utils.data import Dataset
 
 from src.data.contract import Record
+from src.data.images import load_image
 from src.data.prompt import prompt_text
 from src.data.serialize import order_objects, serialize_objects
 from src.rollout_matching.tokens import token_table
-from src.trainers.encoding import SupervisedSequence, encode_prompt, load_image, right_padded_teacher_forced
+from src.trainers.encoding import SupervisedSequence, encode_prompt, right_padded_teacher_forced
 
 
 class RecordDataset(Dataset):

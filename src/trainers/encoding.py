@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from src.data.contract import DataError
 from src.data.prompt import prompt_text
 
 
@@ -32,22 +30,6 @@ class PromptEncoding:
     def digest(self) -> str:
         """Hash of the prompt ids (used to check that the forward uses the rollout's exact prompt)."""
         return hashlib.sha1(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
-
-
-def load_image(path: Path, source: str = "", header_only: bool = False):
-    """Open an image as RGB (``header_only``: parse the header only and return None — a cheap check).
-    A missing or unreadable file is a :class:`DataError` naming the record."""
-    from PIL import Image, UnidentifiedImageError
-
-    where = f"{source}: " if source else ""
-    try:
-        with Image.open(path) as im:
-            return None if header_only else im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"{where}image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{where}cannot read image {path} ({msg}); replace the file or remove the line") from None
 
 
 def encode_prompt(processor, image, prompt: str | None = None) -> PromptEncoding:

@@ -25,12 +25,13 @@ import torch.distributed as dist
 
 from src.config.loader import ConfigError
 from src.data.contract import Record
+from src.data.images import load_image
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.parser import ParseResult, parse_rollout
 from src.rollout_matching.stats import match_kwargs
 from src.rollout_matching.targets import TrainTarget, build_train_target
 from src.trainers.base import DetectionTrainer, world
-from src.trainers.encoding import SupervisedSequence, encode_prompt, image_digests, load_image, right_padded_teacher_forced
+from src.trainers.encoding import SupervisedSequence, encode_prompt, image_digests, right_padded_teacher_forced
 from src.trainers.metrics import ratio
 from src.trainers.registry import register
 from src.trainers.rollout import Rollout
