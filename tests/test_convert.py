@@ -269,3 +269,16 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case, needl
     assert needle in err and len(err.splitlines()) == 1 and err.startswith(f"error: {ann}") and "Traceback" not in err
     assert not out.exists() and not (out.parent / "train.categories.json").exists()
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no temp file either
+
+
+def test_contract_refuses_a_bad_eval_naming_file_and_line(tmp_path):
+    from src.data.contract import DataError
+
+    ann, images = write_source(tmp_path, coco_dict())
+    out = tmp_path / "train.jsonl"
+    convert("coco", ann, images, out)
+    lines = read_lines(out)
+    lines[1]["eval"]["skipped"][0]["reason"] = "too_small"
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(DataError, match=rf"^{out}:2: eval.skipped\[0\]: 'reason' must be one of"):
+        load_jsonl(out)
