@@ -1,13 +1,14 @@
 """COCO-style evaluation of a predictions file (``python -m src.infer`` output, or one written by hand).
 
-    python -m src.eval --pred pred.jsonl [--out metrics.json]
+    python -m src.eval --pred pred.jsonl [--out metrics.json] [--coco-results OUT.json [--categories FILE]]
 
 Input, one JSON object per line (coordinates in PIXELS of the image, data contract objects)::
 
     {"image": "/abs/or/rel/path.png", "width": 128, "height": 96,
      "gt":   [{"desc": "cat", "bbox_2d": [x1, y1, x2, y2]}, {"desc": "kite", "poly": [x1, y1, ...]}],
      "pred": [{"desc": "cat", "bbox_2d": [...], "score": 0.9}, ...],     # "score" optional
-     "raw_text": "...", "truncated": false, "dropped_invalid": 0, "id": "..."}   # these four optional
+     "raw_text": "...", "truncated": false, "dropped_invalid": 0, "id": "...",   # these five optional
+     "eval": {...}}      # evaluation-only GT of a converted record (src.data.eval_fields), copied by src.infer
 
 Every line is validated (the object rules of the data contract, pixels inside the image); a bad line
 stops with one line ``FILE:LINE: ...`` and exit code 2.
@@ -17,6 +18,14 @@ Reported (see docs/evaluation.md):
 * ``bbox_*``: pycocotools ``COCOeval`` (AP@[.5:.95], AP50, AP75, AR@100). A polygon is evaluated by
   its bounding box. ``segm_*``: the same with masks, computed only when the file holds at least one
   polygon (GT or predicted); boxes then count as their rectangle polygon. ``null`` when undefined.
+  Also ``*_AP_small`` / ``_medium`` / ``_large`` (by annotated area) and ``*_AP_per_category``. With
+  ``eval`` on the lines (converted data) the GT is the source file's: crowd regions as ignore regions,
+  source boxes / areas / masks, skipped annotations, source image ids — the figures equal COCOeval on
+  the source annotation file (:mod:`src.eval_coco`).
+* ``lvis_bbox_*`` / ``lvis_segm_*``: LVIS federated AP (maxDets 300) when every line carries the LVIS
+  fields; ``null`` otherwise.
+* ``--coco-results OUT.json``: the predictions in the official COCO results format (category ids from
+  ``--categories``, a COCO-style ``categories`` list).
 * Categories: the exact ``desc`` string (NFC). A predicted desc that no GT carries is a category
   without GT, which COCO skips: such predictions do not lower AP (they do lower ``precision@t``).
 * Scores: predictions carry no confidence; the i-th of n predicted objects of an image (0-based,

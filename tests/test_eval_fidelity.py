@@ -355,7 +355,7 @@ def test_lvis_frequency_groups_and_non_lvis_files(tmp_path):
     ({"objects": []}, "'eval.objects' has 0 entries but the record has 1 objects"),
     ({"crowd": [{"bbox": [1, 2, 3, 4], "area": 1}]}, "eval.crowd[0]: 'desc': must be a non-empty string"),
     ({"neg_categories": []}, "come together"),
-    ({"color": 1}, "unknown 'eval' key(s) ['color']"),
+    ({"color": 1}, "eval: unknown key(s) ['color']"),
 ])
 def test_bad_eval_field_exits_2_with_one_line(tmp_path, capsys, bad_eval, needle):
     pred = tmp_path / "p.jsonl"

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import json
 import unicodedata
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from src.data.coords import MAX_BIN, fix_box_bins, parse_coord_token, pixels_to_bins
-from src.data.eval_fields import EvalFieldError, EvalInfo, parse_eval_info
+from src.data.eval_fields import EvalFieldError, EvalInfo, is_number, parse_eval_info
 from src.data.objects import GEOMETRIES, DetObject
 
 RECORD_KEYS = {"images", "width", "height", "objects", "coords", "metadata", "summary", "id", "eval"}
@@ -72,10 +71,6 @@ def _fail(where: str, msg: str) -> DataError:
     return DataError(f"{where}: {msg}")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def parse_geometry(values: Any, geometry: str, width: int, height: int, coords: str, where: str) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
     """Validate one geometry list; return (bins, pixels or None)."""
     if not isinstance(values, list) or not values:
@@ -92,7 +87,7 @@ def parse_geometry(values: Any, geometry: str, width: int, height: int, coords: 
                 raise _fail(where, f"{v!r} is not a coord token <|coord_0|>..<|coord_{MAX_BIN}|>")
             bins.append(k)
         return _check_bins(tuple(bins), geometry, where), None
-    if not all(_is_number(v) for v in values):
+    if not all(is_number(v) for v in values):
         raise _fail(where, f"'{geometry}' mixes strings and numbers or holds non-finite values: {values!r}")
     if coords == "bins":
         if not all(isinstance(v, int) and 0 <= v <= MAX_BIN for v in values):

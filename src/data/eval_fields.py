@@ -101,7 +101,8 @@ class EvalInfo:
         return out
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool): what a coordinate or an area may be."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -124,24 +125,29 @@ def check_segmentation(seg: Any, where: str) -> Any:
     if not isinstance(seg, list) or not seg:
         raise EvalFieldError(f"{where}: 'segmentation' must be a list of polygons or an RLE object")
     for i, part in enumerate(seg):
-        if not (isinstance(part, list) and len(part) >= 4 and len(part) % 2 == 0 and all(_number(v) for v in part)):
+        if not (isinstance(part, list) and len(part) >= 4 and len(part) % 2 == 0 and all(is_number(v) for v in part)):
             raise EvalFieldError(f"{where}: polygon {i} must be a flat list of an even number (>= 4) of finite numbers")
     return seg
+
+
+def _check_keys(obj: Any, allowed: set[str], where: str) -> None:
+    """``obj`` is a JSON object whose keys are all in ``allowed``."""
+    if not isinstance(obj, dict):
+        raise EvalFieldError(f"{where}: must be an object with keys among {sorted(allowed)}, got {type(obj).__name__}")
+    unknown = set(obj) - allowed
+    if unknown:
+        raise EvalFieldError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
 def parse_region(obj: Any, where: str, kind: str) -> EvalRegion:
     """One region; ``kind`` is ``objects`` (no desc), ``crowd`` (desc) or ``skipped`` (desc, reason)."""
     allowed = REGION_KEYS | ({"desc"} if kind != "objects" else set()) | ({"reason"} if kind == "skipped" else set())
-    if not isinstance(obj, dict):
-        raise EvalFieldError(f"{where}: must be an object with {sorted(allowed)}")
-    unknown = set(obj) - allowed
-    if unknown:
-        raise EvalFieldError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    _check_keys(obj, allowed, where)
     bbox = obj.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
         raise EvalFieldError(f"{where}: 'bbox' must be [x, y, w, h] (4 finite numbers), got {bbox!r}")
     area = obj.get("area")
-    if not _number(area) or area < 0:
+    if not is_number(area) or area < 0:
         raise EvalFieldError(f"{where}: 'area' must be a finite number >= 0, got {area!r}")
     seg = check_segmentation(obj["segmentation"], where) if "segmentation" in obj else None
     desc = _nfc(obj.get("desc"), f"{where}: 'desc'") if kind != "objects" else None
@@ -160,11 +166,7 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
 def parse_eval_info(obj: Any, num_objects: int) -> EvalInfo:
     """Validate a record's ``eval`` value (``num_objects``: the record's object count, which
     ``eval.objects`` must equal). Raises :class:`EvalFieldError` naming the place inside ``eval``."""
-    if not isinstance(obj, dict):
-        raise EvalFieldError(f"'eval' must be an object, got {type(obj).__name__}")
-    unknown = set(obj) - EVAL_KEYS
-    if unknown:
-        raise EvalFieldError(f"unknown 'eval' key(s) {sorted(unknown)}; allowed: {sorted(EVAL_KEYS)}")
+    _check_keys(obj, EVAL_KEYS, "eval")
     image_id = obj.get("image_id")
     if image_id is not None and type(image_id) is not int:
         raise EvalFieldError(f"'eval.image_id' must be an int, got {image_id!r}")

@@ -10,7 +10,6 @@ through the contract and writes the files. No torch, no transformers here.
 from __future__ import annotations
 
 import json
-import math
 import os
 import unicodedata
 from collections import Counter
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from src.data.contract import DataError, Record, parse_record
-from src.data.eval_fields import EvalFieldError, check_segmentation
+from src.data.eval_fields import EvalFieldError, check_segmentation, is_number
 from src.utils.files import atomic_path
 
 
@@ -120,10 +119,6 @@ def load_json(path: Path) -> Any:
         raise ConvertError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno}, char {e.pos})") from None
     except UnicodeDecodeError as e:
         raise ConvertError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def nfc_desc(name: Any, where: str) -> str:
