@@ -1,6 +1,6 @@
 """COCO-style evaluation of a predictions file (``python -m src.infer`` output, or one written by hand).
 
-    python -m src.eval --pred pred.jsonl [--out metrics.json]
+    python -m src.eval --pred pred.jsonl [--out metrics.json] [--coco-results OUT.json [--categories FILE]]
 
 Input, one JSON object per line (coordinates in PIXELS of the image, data contract objects)::
 
@@ -8,7 +8,8 @@ Input, one JSON object per line (coordinates in PIXELS of the image, data contra
      "gt":   [{"desc": "cat", "bbox_2d": [x1, y1, x2, y2]}, {"desc": "kite", "poly": [x1, y1, ...]}],
      "pred": [{"desc": "cat", "bbox_2d": [...], "score": 0.9}, ...],     # "score" optional
      "raw_text": "...", "truncated": false, "malformed": false, "hit_max_new_tokens": false,
-     "dropped_invalid": 0, "id": "..."}                                      # these six optional
+     "dropped_invalid": 0, "id": "...",                                      # these six optional
+     "eval": {...}}      # optional: evaluation-only GT of a converted record (src.data.eval_fields), copied by src.infer
 
 Every line is validated (the object rules of the data contract, pixels inside the image); a bad line
 stops with one line ``FILE:LINE: ...`` and exit code 2.
@@ -18,6 +19,14 @@ Reported (see docs/evaluation.md):
 * ``bbox_*``: pycocotools ``COCOeval`` (AP@[.5:.95], AP50, AP75, AR@100). A polygon is evaluated by
   its bounding box. ``segm_*``: the same with masks, computed only when the file holds at least one
   polygon (GT or predicted); boxes then count as their rectangle polygon. ``null`` when undefined.
+  Also ``*_AP_small`` / ``_medium`` / ``_large`` (by annotated area) and ``*_AP_per_category``. With
+  ``eval`` on the lines (converted data) the GT is the source file's: crowd regions as ignore regions,
+  source boxes / areas / masks, skipped annotations, source image ids — the figures equal COCOeval on
+  the source annotation file (:mod:`src.eval_coco`).
+* ``lvis_bbox_*`` / ``lvis_segm_*``: LVIS federated AP (maxDets 300) when every line carries the LVIS
+  fields; ``null`` otherwise.
+* ``--coco-results OUT.json``: the predictions in the official COCO results format (category ids from
+  ``--categories``, a COCO-style ``categories`` list).
 * Categories: the exact ``desc`` string (NFC). A predicted desc that no GT carries is a category
   without GT, which COCO skips: such predictions do not lower AP (they do lower ``precision@t``).
 * Scores: predictions carry no confidence; the i-th of n predicted objects of an image (0-based,
@@ -36,8 +45,6 @@ Reported (see docs/evaluation.md):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import sys
@@ -47,13 +54,13 @@ from typing import Any, Iterable, Sequence
 
 from src.data.contract import DataError, iter_jsonl, parse_record
 from src.data.coords import bins_to_pixels
+from src.data.eval_fields import EvalFieldError, EvalInfo, parse_eval_info
 from src.data.objects import DetObject
 
-LINE_KEYS = {"image", "width", "height", "gt", "pred", "raw_text", "truncated", "malformed", "hit_max_new_tokens", "dropped_invalid", "id"}
+LINE_KEYS = {"image", "width", "height", "gt", "pred", "raw_text", "truncated", "malformed", "hit_max_new_tokens", "dropped_invalid", "id", "eval"}
 FLAGS = ("truncated", "malformed", "hit_max_new_tokens")  # optional booleans, default false
 REQUIRED_KEYS = ("image", "width", "height", "gt", "pred")
 GATES = (0.3, 0.5, 0.75)
-COCO_STATS = {"AP": 0, "AP50": 1, "AP75": 2, "AR100": 8}  # indices into COCOeval.stats
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class ImagePredictions:
     hit_max_new_tokens: bool = False
     dropped_invalid: int = 0
     source: str = ""  # "file:line"
+    eval: EvalInfo | None = None  # evaluation-only GT of a converted record (crowd regions, source boxes, LVIS fields)
 
 
 # ------------------------------------------------------------------------------------------ input
@@ -137,8 +145,18 @@ def read_line(obj: Any, where: str) -> ImagePredictions:
     return ImagePredictions(
         image=obj["image"], width=obj["width"], height=obj["height"], gt=gt, gt_pixels=gt_px,
         pred=pred, pred_pixels=pred_px, scores=tuple(d if s is None else s for s, d in zip(scores, default)),
-        **flags, dropped_invalid=dropped, source=where,
+        **flags, dropped_invalid=dropped, source=where, eval=read_eval_info(obj, len(gt), where),
     )
+
+
+def read_eval_info(obj: dict, num_gt: int, where: str) -> EvalInfo | None:
+    """The line's optional ``eval`` value (copied by ``src.infer`` from a converted record), validated."""
+    if "eval" not in obj:
+        return None
+    try:
+        return parse_eval_info(obj["eval"], num_gt)
+    except EvalFieldError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def read_predictions(path: str | Path, limit: int | None = None) -> list[ImagePredictions]:
@@ -160,76 +178,25 @@ def read_predictions(path: str | Path, limit: int | None = None) -> list[ImagePr
 # --------------------------------------------------------------------------------- COCO (pycocotools)
 
 
-def _polygon_area(flat: Sequence[float]) -> float:
-    xs, ys = flat[0::2], flat[1::2]
-    return abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs)))) / 2.0
+def coco_metrics(images: Sequence[ImagePredictions], iou_type: str) -> dict[str, Any]:
+    """COCOeval figures (``iou_type`` "bbox" or "segm"): ``AP, AP50, AP75, AP_small, AP_medium, AP_large,
+    AR100`` (None where COCO leaves one undefined, e.g. no GT at all) and ``AP_per_category``. Crowd
+    regions, source boxes / areas / masks and skipped annotations come from each line's ``eval``
+    (:mod:`src.eval_coco`)."""
+    from src.eval_coco import coco_metrics as run
+
+    return run(images, iou_type)
 
 
-def _as_polygon(obj: DetObject, px: Sequence[float]) -> list[float]:
-    """Flat pixel polygon of an object; a box is its rectangle (x1,y1),(x2,y1),(x2,y2),(x1,y2)."""
-    if obj.geometry == "bbox_2d":
-        x1, y1, x2, y2 = px
-        return [x1, y1, x2, y1, x2, y2, x1, y2]
-    return list(px)
+def lvis_metrics(images: Sequence[ImagePredictions], has_poly: bool) -> dict[str, float | None]:
+    """``lvis_bbox_*`` (and ``lvis_segm_*`` when polygons exist): LVIS federated AP with maxDets 300,
+    None unless every line carries the LVIS fields (:func:`src.eval_coco.lvis_metrics`)."""
+    from src.eval_coco import LVIS_KEYS, lvis_metrics as run
 
-
-def _xywh(px: Sequence[float]) -> list[float]:
-    xs, ys = px[0::2], px[1::2]
-    return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
-
-
-def coco_metrics(images: Sequence[ImagePredictions], iou_type: str) -> dict[str, float | None]:
-    """``{AP, AP50, AP75, AR100}`` of pycocotools COCOeval (``iou_type`` "bbox" or "segm"), pycocotools'
-    own prints silenced. ``None`` where COCO leaves a figure undefined (no GT at all)."""
-    import numpy as np
-    from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if not any(im.gt for im in images):
-        return dict.fromkeys(COCO_STATS)
-    if not any(im.pred for im in images):  # COCO.loadRes cannot take an empty list: nothing found = 0
-        return dict.fromkeys(COCO_STATS, 0.0)
-    names = sorted({o.desc for im in images for o in (*im.gt, *im.pred)})
-    cat = {name: i + 1 for i, name in enumerate(names)}
-
-    def segmentation(o: DetObject, px: Sequence[float], im: ImagePredictions) -> dict:
-        rle = mask_utils.frPyObjects([_as_polygon(o, px)], im.height, im.width)
-        return mask_utils.merge(rle)
-
-    gts, dets = [], []
-    for img_id, im in enumerate(images, start=1):
-        for o, px in zip(im.gt, im.gt_pixels):
-            ann = {"id": len(gts) + 1, "image_id": img_id, "category_id": cat[o.desc], "iscrowd": 0, "bbox": _xywh(px)}
-            if iou_type == "segm":
-                ann["segmentation"] = segmentation(o, px, im)
-                ann["area"] = float(mask_utils.area(ann["segmentation"]))
-            else:
-                ann["area"] = _polygon_area(_as_polygon(o, px))
-            gts.append(ann)
-        for o, px, s in zip(im.pred, im.pred_pixels, im.scores):
-            det = {"image_id": img_id, "category_id": cat[o.desc], "score": s}
-            if iou_type == "segm":
-                det["segmentation"] = segmentation(o, px, im)
-            else:
-                det["bbox"] = _xywh(px)
-            dets.append(det)
-    dataset = {
-        "images": [{"id": i, "width": im.width, "height": im.height} for i, im in enumerate(images, start=1)],
-        "annotations": gts,
-        "categories": [{"id": i, "name": n} for n, i in cat.items()],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = dataset
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = np.asarray(ev.stats)
-    return {k: (None if stats[i] < 0 else float(stats[i])) for k, i in COCO_STATS.items()}
+    out = {f"lvis_bbox_{k}": v for k, v in run(images, "bbox").items()}
+    segm = run(images, "segm") if has_poly else dict.fromkeys(LVIS_KEYS)
+    out.update({f"lvis_segm_{k}": v for k, v in segm.items()})
+    return out
 
 
 # ----------------------------------------------------------------------------------- our matcher
@@ -252,10 +219,13 @@ def matcher_counts(images: Iterable[ImagePredictions], gate: float):
 def evaluate(images: Sequence[ImagePredictions]) -> dict[str, Any]:
     """All figures of one predictions file (the keys are listed in the module docstring)."""
     out: dict[str, Any] = {"images": len(images)}
+    from src.eval_coco import COCO_KEYS
+
     out.update({f"bbox_{k}": v for k, v in coco_metrics(images, "bbox").items()})
     has_poly = any(o.geometry == "poly" for im in images for o in (*im.gt, *im.pred))
-    segm = coco_metrics(images, "segm") if has_poly else dict.fromkeys(COCO_STATS)
+    segm = coco_metrics(images, "segm") if has_poly else dict.fromkeys(COCO_KEYS)
     out.update({f"segm_{k}": v for k, v in segm.items()})
+    out.update(lvis_metrics(images, has_poly))
     for gate in GATES:
         m = matcher_counts(images, gate).metrics()
         out[f"precision@{gate}"] = m["rollout_precision"]
@@ -300,6 +270,46 @@ def format_table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_extra_table(m: dict[str, Any]) -> str:
+    """COCO size buckets, per-category AP and LVIS federated AP of :func:`evaluate`'s dict (rows only
+    for what is defined)."""
+    def f(v: Any) -> str:
+        return "   -  " if v is None else f"{v:6.3f}"
+
+    lines = ["COCOeval by size   small  medium   large   (area as annotated)"]
+    for t in ("bbox", "segm"):
+        if m[f"{t}_AP"] is not None:
+            lines.append(f"  {t}            {f(m[f'{t}_AP_small'])}  {f(m[f'{t}_AP_medium'])}  {f(m[f'{t}_AP_large'])}")
+    per_cat = m["bbox_AP_per_category"] or {}
+    if per_cat:
+        worst = sorted(per_cat.items(), key=lambda kv: kv[1])[:5]
+        lines.append(f"bbox AP per category ({len(per_cat)} with GT; in metrics.json), lowest: "
+                     + ", ".join(f"{name} {ap:.3f}" for name, ap in worst))
+    for t in ("bbox", "segm"):
+        if m[f"lvis_{t}_AP"] is not None:
+            lines.append(f"LVIS federated {t} (maxDets 300): AP {f(m[f'lvis_{t}_AP'])}  AP50 {f(m[f'lvis_{t}_AP50'])}"
+                         f"  APr {f(m[f'lvis_{t}_AP_rare'])}  APc {f(m[f'lvis_{t}_AP_common'])}  APf {f(m[f'lvis_{t}_AP_frequent'])}")
+    return "\n".join(lines)
+
+
+def write_coco_results(images: Sequence[ImagePredictions], out: Path, categories: Path | None) -> str:
+    """Write the predictions in the official COCO results format (temp file + rename); return a
+    one-line note for the user. Category ids from ``categories`` (a COCO-style JSON), else ours."""
+    from src.eval_coco import coco_results, read_categories
+    from src.utils.files import atomic_path
+
+    cats = read_categories(categories) if categories is not None else None
+    results, left_out = coco_results(images, cats)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(results) + "\n", encoding="utf-8")
+    note = f"{len(results)} detections written to {out} (COCO results format)"
+    if cats is None:
+        note += "; category ids 1..K in sorted desc order (pass --categories for the dataset's ids)"
+    if left_out:
+        note += f"; {left_out} prediction(s) left out: their desc is not a category of {categories}"
+    return note
+
+
 # --------------------------------------------------------------------------------------- the CLI
 
 
@@ -312,19 +322,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m src.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--pred", required=True, type=Path, help="predictions JSONL (python -m src.infer output)")
     ap.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    ap.add_argument("--coco-results", type=Path, help="also write the predictions in the official COCO results format (JSON list)")
+    ap.add_argument("--categories", type=Path,
+                    help="JSON with a COCO 'categories' list (the source annotation file or the converter's *.categories.json): "
+                         "the category ids for --coco-results")
     args = ap.parse_args(argv)
     try:
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.categories is not None and args.coco_results is None:
+            raise DataError("--categories only sets the ids of --coco-results; add --coco-results OUT.json")
+        for out in (args.out, args.coco_results):
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
         images = read_predictions(args.pred)
         if not images:
             raise DataError(f"{args.pred}: no predictions (the file is empty)")
+        note = write_coco_results(images, args.coco_results, args.categories) if args.coco_results is not None else None
     except DataError as e:
         return fail(str(e))
     metrics = evaluate(images)
     print(format_table(metrics))
+    print()
+    print(format_extra_table(metrics))
+    if note is not None:
+        print(note)
     if args.out is not None:
-        args.out.write_text(json.dumps(metrics, indent=2) + "\n")
+        args.out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"metrics written to {args.out}")
     return 0
 

@@ -17,7 +17,8 @@ Output, one line per image, in input order (all coordinates in PIXELS; ``python 
      "truncated": bool,            # the answer ran out before its closing "}" (structure intact)
      "malformed": bool,            # the answer's JSON structure broke (never together with truncated)
      "hit_max_new_tokens": bool,   # generation stopped at max_new_tokens
-     "dropped_invalid": int}       # invalid objects the parser dropped
+     "dropped_invalid": int,       # invalid objects the parser dropped
+     "eval": {...}}                # the record's evaluation-only ground truth, copied (only when it has one)
 
 GT: the JSONL's own pixel values when given in pixels, else its bins through the codec. Predictions:
 bins through :func:`src.data.coords.bins_to_pixels`, rounded to 3 decimals (round-trips to the same
@@ -52,15 +53,17 @@ class InferError(ValueError):
     """Bad command-line input; ``str(e)`` is one line."""
 
 
-def pixel_object(obj: DetObject, pixels: Sequence[float]) -> dict[str, Any]:
-    """A data-contract object ``{"desc", "bbox_2d" | "poly"}`` with the given flat pixel coordinates."""
-    return {"desc": obj.desc, obj.geometry: [round(float(v), PIXEL_DECIMALS) for v in pixels]}
+def pixel_object(obj: DetObject, pixels: Sequence[float], decimals: int | None = PIXEL_DECIMALS) -> dict[str, Any]:
+    """A data-contract object ``{"desc", "bbox_2d" | "poly"}`` with the given flat pixel coordinates,
+    rounded to ``decimals`` (None: kept exactly)."""
+    return {"desc": obj.desc, obj.geometry: [v if decimals is None else round(float(v), decimals) for v in pixels]}
 
 
 def gt_pixel_objects(record: Record) -> list[dict[str, Any]]:
-    """The record's GT in pixels: its original values when it was given in pixels, else via the codec."""
+    """The record's GT in pixels: its original values, unrounded, when it was given in pixels (COCO
+    polygons keep their exact masks), else via the codec."""
     if record.pixel_objects is not None:
-        return [pixel_object(o, px) for o, px in zip(record.objects, record.pixel_objects)]
+        return [pixel_object(o, px, decimals=None) for o, px in zip(record.objects, record.pixel_objects)]
     return [pixel_object(o, bins_to_pixels(o.bins, record.width, record.height)) for o in record.objects]
 
 
@@ -79,6 +82,8 @@ def prediction_line(record: Record, parsed, raw_text: str, hit_max_new_tokens: b
         "hit_max_new_tokens": hit_max_new_tokens,
         "dropped_invalid": parsed.dropped_invalid,
     })
+    if record.eval is not None:  # crowd regions, source boxes/areas, LVIS fields: for src.eval
+        line["eval"] = record.eval.to_json()
     return line
 
 

@@ -219,12 +219,12 @@ def check_images_open(records) -> None:
 
 def load_records(cfg: Config):
     c = cfg.custom
-    train, tstats = load_jsonl(c.train_jsonl, on_invalid=c.on_invalid_record, limit=c.max_train_samples)
+    train, tstats = load_jsonl(c.train_jsonl, on_invalid=c.on_invalid_record, limit=c.max_train_samples, keep_eval=False)
     if not train:
         raise DataError(f"{c.train_jsonl}: no usable records")
     val = []
     if c.val_jsonl:
-        val, _ = load_jsonl(c.val_jsonl, on_invalid=c.on_invalid_record, limit=c.max_val_samples)
+        val, _ = load_jsonl(c.val_jsonl, on_invalid=c.on_invalid_record, limit=c.max_val_samples, keep_eval=False)
     check_images_open(train)
     check_images_open(val)
     if tstats.skipped:

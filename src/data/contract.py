@@ -16,6 +16,9 @@
   one codec (:mod:`src.data.coords`).
 * An image with zero objects is valid (its answer is ``{}``).
 * ``desc`` is stored NFC-normalised (Qwen's tokenizer normalises to NFC, so text and tokens agree).
+* Optional ``eval``: evaluation-only ground truth from a source annotation file (crowd regions, source
+  boxes and areas, LVIS image-level fields), validated by :mod:`src.data.eval_fields`. Training never
+  reads it; ``load_jsonl(..., keep_eval=False)`` validates it and then drops it.
 
 Every problem raises :class:`DataError` naming the file and the 1-based line. With
 ``on_invalid="skip"`` bad lines are skipped and counted instead (``LoadStats``), never silently.
@@ -25,15 +28,15 @@ from __future__ import annotations
 
 import json
 import unicodedata
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from src.data.coords import MAX_BIN, fix_box_bins, parse_coord_token, pixels_to_bins
+from src.data.eval_fields import EvalFieldError, EvalInfo, is_number, parse_eval_info
 from src.data.objects import GEOMETRIES, DetObject
 
-RECORD_KEYS = {"images", "width", "height", "objects", "coords", "metadata", "summary", "id"}
+RECORD_KEYS = {"images", "width", "height", "objects", "coords", "metadata", "summary", "id", "eval"}
 OBJECT_KEYS = {"desc", *GEOMETRIES}
 
 
@@ -53,6 +56,7 @@ class Record:
     pixel_objects: tuple[tuple[float, ...], ...] | None = None  # original pixel coords (same order) when given in pixels
     metadata: dict | None = None
     id: str | None = None
+    eval: EvalInfo | None = None  # evaluation-only ground truth (src.data.eval_fields); never a training object
 
 
 @dataclass
@@ -65,10 +69,6 @@ class LoadStats:
 
 def _fail(where: str, msg: str) -> DataError:
     return DataError(f"{where}: {msg}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def parse_geometry(values: Any, geometry: str, width: int, height: int, coords: str, where: str) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
@@ -87,7 +87,7 @@ def parse_geometry(values: Any, geometry: str, width: int, height: int, coords: 
                 raise _fail(where, f"{v!r} is not a coord token <|coord_0|>..<|coord_{MAX_BIN}|>")
             bins.append(k)
         return _check_bins(tuple(bins), geometry, where), None
-    if not all(_is_number(v) for v in values):
+    if not all(is_number(v) for v in values):
         raise _fail(where, f"'{geometry}' mixes strings and numbers or holds non-finite values: {values!r}")
     if coords == "bins":
         if not all(isinstance(v, int) and 0 <= v <= MAX_BIN for v in values):
@@ -111,8 +111,9 @@ def _check_bins(bins: tuple[int, ...], geometry: str, where: str) -> tuple[int, 
     return bins
 
 
-def parse_record(obj: Any, base_dir: Path, where: str, check_image: bool = True) -> Record:
-    """Validate one decoded JSON line into a :class:`Record` (raises :class:`DataError`)."""
+def parse_record(obj: Any, base_dir: Path, where: str, check_image: bool = True, keep_eval: bool = True) -> Record:
+    """Validate one decoded JSON line into a :class:`Record` (raises :class:`DataError`). ``keep_eval``:
+    keep the validated ``eval`` value on the record (False: validate it, then drop it)."""
     if not isinstance(obj, dict):
         raise _fail(where, f"each line must be a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - RECORD_KEYS
@@ -160,10 +161,16 @@ def parse_record(obj: Any, base_dir: Path, where: str, check_image: bool = True)
     if metadata is not None and not isinstance(metadata, dict):
         raise _fail(where, "'metadata' must be an object when present")
     rid = obj.get("id")
+    eval_info = None
+    if "eval" in obj:
+        try:
+            eval_info = parse_eval_info(obj["eval"], len(objects))
+        except EvalFieldError as e:
+            raise _fail(where, str(e)) from None
     return Record(
         image=image, width=width, height=height, objects=tuple(objects), source=where,
         pixel_objects=tuple(pixels) if pixels and all(p is not None for p in pixels) else None,
-        metadata=metadata, id=str(rid) if rid is not None else None,
+        metadata=metadata, id=str(rid) if rid is not None else None, eval=eval_info if keep_eval else None,
     )
 
 
@@ -182,9 +189,11 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any | DataError]]:
                 yield n, DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})")
 
 
-def load_jsonl(path: str | Path, on_invalid: str = "error", check_images: bool = True, limit: int | None = None) -> tuple[list[Record], LoadStats]:
+def load_jsonl(path: str | Path, on_invalid: str = "error", check_images: bool = True, limit: int | None = None,
+               keep_eval: bool = True) -> tuple[list[Record], LoadStats]:
     """Load and validate a whole JSONL. ``on_invalid``: ``error`` (raise at the first bad line) or
-    ``skip`` (skip it and count it in the returned stats)."""
+    ``skip`` (skip it and count it in the returned stats). ``keep_eval=False`` drops the validated
+    ``eval`` values (training has no use for them)."""
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     path = Path(path)
@@ -194,7 +203,7 @@ def load_jsonl(path: str | Path, on_invalid: str = "error", check_images: bool =
         try:
             if isinstance(obj, DataError):
                 raise obj
-            records.append(parse_record(obj, path.parent, f"{path}:{n}", check_images))
+            records.append(parse_record(obj, path.parent, f"{path}:{n}", check_images, keep_eval))
         except DataError as e:
             if on_invalid == "error":
                 raise

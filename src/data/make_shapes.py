@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from src.utils.files import atomic_path
 
 RGB = tuple[int, int, int]
 
@@ -290,17 +290,6 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; rename it onto ``path`` on success, delete it on failure."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_split(out_dir: Path, split: str, num: int, seed: int, image_size: int, min_shapes: int, max_shapes: int,
