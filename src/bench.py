@@ -4,7 +4,7 @@
 
 Cases (each figure is printed with its goal and PASS / FAIL):
 
-1. ``rollout``  - the same 8 prompts on a tiny Qwen3-VL: batched ``HFRolloutBackend`` (decode_batch_size 8)
+1. ``rollout``  - the same 8 prompts on a tiny Qwen3-VL: batched ``HFEngine`` (decode_batch_size 8)
    vs one sample at a time (decode_batch_size 1); identical greedy outputs are required.
 2. ``pipeline`` - parse + match + targets + supervision arrays per sample (the work of
    ``RolloutMatchingSFTTrainer.build_targets``) on synthetic dense rollouts of 10..1000 objects.
@@ -228,8 +228,9 @@ def bench_rollout(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
     from src.data.images import load_image
     from src.data.prompt import prompt_text
     from src.models.loading import load_model_and_processor
-    from src.trainers.encoding import encode_prompt
-    from src.trainers.rollout import DecodeSettings, HFRolloutBackend
+    from src.rollout.encoding import encode_prompt
+    from src.rollout.engine import DecodeSettings
+    from src.rollout.hf import HFEngine
 
     model, processor = load_model_and_processor(assets.model_dir)
     model.eval()
@@ -239,8 +240,8 @@ def bench_rollout(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
     prompts = [encode_prompt(processor, load_image(r.image, r.source), prompt) for r in records]
     n_new = cfg["rollout_new_tokens"]
 
-    def backend(bs: int, max_new: int) -> HFRolloutBackend:
-        b = HFRolloutBackend(DecodeSettings(decode_mode="greedy", max_new_tokens=max_new, decode_batch_size=bs),
+    def backend(bs: int, max_new: int) -> HFEngine:
+        b = HFEngine(DecodeSettings(decode_mode="greedy", max_new_tokens=max_new, decode_batch_size=bs),
                              eos_id=table.im_end_id, pad_id=processor.tokenizer.pad_token_id)
         b.generation_config.min_new_tokens = max_new  # a fixed length: both variants do the same work
         return b

@@ -5,7 +5,7 @@
 Decoding (mode, max_new_tokens, batch size, repeat guard) comes from ``custom.extra.rollout_matching``
 of ``--config`` (a training config or a YAML with just that section); without it the defaults
 (greedy). Prompt, image loading, generation and parsing are the training code's own
-(``src.data.prompt``, ``src.data.images``, ``src.trainers.encoding``, ``HFRolloutBackend``,
+(``src.data.prompt``, ``src.data.images``, ``src.rollout.encoding``, the rollout engine (``src.rollout.engine.build_engine``),
 ``parse_rollout``).
 
 Output, one line per image, in input order (all coordinates in PIXELS; ``python -m src.eval`` reads it)::
@@ -108,26 +108,21 @@ def run_inference(model, processor, records: Sequence[Record], rm: RolloutMatchi
     from src.data.images import load_image
     from src.data.prompt import prompt_text
     from src.rollout_matching.parser import parse_rollout
-    from src.rollout_matching.repeat_guard import GuardSettings
+    from src.rollout.encoding import encode_prompt
+    from src.rollout.engine import build_engine
     from src.rollout_matching.tokens import token_table
-    from src.trainers.encoding import encode_prompt
-    from src.trainers.rollout import DecodeSettings, HFRolloutBackend
 
     table = token_table(processor.tokenizer)
-    settings = DecodeSettings.from_config(rm)
-    backend = HFRolloutBackend(
-        settings, eos_id=table.im_end_id, pad_id=processor.tokenizer.pad_token_id, table=table,
-        guard=GuardSettings.from_config(rm.repeat_guard) if rm.repeat_guard.enabled else None,
-    )
+    engine = build_engine(rm, table, processor.tokenizer.pad_token_id)
     prompt = prompt_text(processor)
-    bs = settings.decode_batch_size
+    bs = engine.settings.decode_batch_size
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as dst, tqdm(total=len(records), desc="infer", unit="img", file=sys.stderr, disable=None) as bar:
             for start in range(0, len(records), bs):
                 chunk = records[start : start + bs]
                 prompts = [encode_prompt(processor, load_image(r.image, r.source), prompt) for r in chunk]
-                for record, rollout in zip(chunk, backend.generate(model, prompts)):
+                for record, rollout in zip(chunk, engine.generate(model, prompts)):
                     parsed = parse_rollout(rollout.response_ids, table)
                     line = prediction_line(record, parsed, table.text(rollout.response_ids), rollout.hit_max_new_tokens)
                     dst.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -151,16 +151,16 @@ def test_stage2_with_lora_and_gradient_checkpointing_saves_a_loadable_merged_mod
 UNEVEN_LAUNCHER = '''
 import dataclasses, os, sys
 sys.path.insert(0, {root!r})
-import src.trainers.rollout as rollout
+import src.rollout.hf as rollout
 
-_init = rollout.HFRolloutBackend.__init__
+_init = rollout.HFEngine.__init__
 
 def _uneven_init(self, settings, *args, **kwargs):
     # rank 0 stops after 2 new tokens, rank 1 generates 60: very different rollout and Y_train lengths
     n = 2 if int(os.environ.get("RANK", "0")) == 0 else 60
     _init(self, dataclasses.replace(settings, max_new_tokens=n), *args, **kwargs)
 
-rollout.HFRolloutBackend.__init__ = _uneven_init
+rollout.HFEngine.__init__ = _uneven_init
 from src.sft import main
 raise SystemExit(main(sys.argv[1:]))
 '''

@@ -17,11 +17,11 @@ from src.models.processor import (
     PROCESSOR_CLASSES,
     Qwen2VLImageProcessorPil,
     detect_family,
-    encode_prompts,
     load_processor,
     set_pixel_limits,
 )
 from src.models.tokenizer import FIRST_COORD_ID, coord_token, coord_token_ids
+from src.rollout.encoding import encode_prompts
 
 IMAGE_PAD, IM_END, ENDOFTEXT = 151655, 151645, 151643
 PATCH_DIM = {"qwen2_vl": 3 * 2 * 14 * 14, "qwen2_5_vl": 3 * 2 * 14 * 14, "qwen3_vl": 3 * 2 * 16 * 16}

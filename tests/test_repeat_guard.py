@@ -8,7 +8,7 @@ from src.data.objects import DetObject
 from src.data.serialize import serialize_objects
 from src.rollout_matching.parser import parse_rollout
 from src.rollout_matching.repeat_guard import GuardSettings, RowGuard
-from src.trainers.rollout import RepeatGuardCriteria
+from src.rollout.hf import RepeatGuardCriteria
 
 
 def feed(table, ids, settings):

@@ -399,8 +399,8 @@ def test_train_then_replay_reproduces_the_logged_matches_and_y_train(tiny_model_
     from src.data.prompt import prompt_text
     from src.models.loading import load_model_and_processor
     from src.sft import run
-    from src.trainers.encoding import encode_prompt
-    from src.trainers.rollout import HFRolloutBackend
+    from src.rollout.encoding import encode_prompt
+    from src.rollout.hf import HFEngine
     from tests.test_trainers import fake_rollout
 
     make_shapes(tmp_path / "shapes", num_train=8, num_val=2, seed=4, image_size=64, min_shapes=1, max_shapes=3, kinds=("rectangle", "triangle"))
@@ -422,7 +422,7 @@ def test_train_then_replay_reproduces_the_logged_matches_and_y_train(tiny_model_
     def fake_generate(self, model, prompts, synced_gpus=False):
         return [fake_rollout(p, plausible(by_prompt[key(p)], k)) for k, p in enumerate(prompts)]
 
-    monkeypatch.setattr(HFRolloutBackend, "generate", fake_generate)
+    monkeypatch.setattr(HFEngine, "generate", fake_generate)
     out = tmp_path / "run"
     cfg = config_from_dict({
         "model": {"model_name_or_path": str(tiny_model_dirs["qwen3_vl"])},

@@ -35,8 +35,8 @@ def make_cfg(model_dir, shapes_dir, tmp_path, variant="rollout_matching_sft", **
 
 def fake_rollout(prompt, response_ids, hit_max_new_tokens=False):
     """A rollout as an engine that consumed exactly ``prompt`` would report it (for fake engines in tests)."""
-    from src.trainers.encoding import image_digests
-    from src.trainers.rollout import Rollout
+    from src.rollout.encoding import image_digests
+    from src.rollout.engine import Rollout
 
     return Rollout(prompt, list(response_ids), hit_max_new_tokens=hit_max_new_tokens, consumed_prompt_ids=tuple(prompt.input_ids.tolist()),
                    consumed_image_digest=image_digests(prompt.pixel_values, prompt.image_grid_thw)[0])
@@ -99,11 +99,11 @@ def test_one_teacher_forced_forward_per_micro_batch(trainer2, shapes_dir):
 def test_prompt_mismatch_and_span_checks_raise(trainer2, shapes_dir):
     from dataclasses import replace
 
-    from src.trainers.encoding import SupervisedSequence, right_padded_teacher_forced
+    from src.trainers.batches import SupervisedSequence, right_padded_teacher_forced
     from src.trainers.rollout_matching import PromptMismatchError, SupervisionSpanError, check_prompt_alignment, check_supervision_span
 
     inputs = stage2_inputs(trainer2, records(shapes_dir, 1))
-    (ro,) = trainer2.rollout_backend.generate(trainer2.rollout_model(), inputs["prompts"])
+    (ro,) = trainer2.rollout_engine.generate(trainer2.rollout_model(), inputs["prompts"])
     assert list(ro.consumed_prompt_ids) == inputs["prompts"][0].input_ids.tolist() and len(ro.consumed_image_digest) == 40
     seq = SupervisedSequence(prompt=ro.prompt, assistant_ids=[1, 2, 3], ce_targets=[1, 2, 3], coord_bins=[-1, -1, -1])
     batch = right_padded_teacher_forced([seq], pad_id=0)
@@ -128,7 +128,7 @@ def test_prompt_check_compares_with_what_generation_consumed(trainer2, shapes_di
     """The check used to compare the teacher-forced prompt with the very objects it was built from, so it
     could not fail. An engine that feeds generate something else (here: a padding bug dropping a prompt
     token) must now stop training with PromptMismatchError."""
-    import src.trainers.rollout as rollout
+    import src.rollout.hf as rollout
     from src.trainers.rollout_matching import PromptMismatchError
 
     real = rollout.left_padded_prompts
@@ -167,7 +167,7 @@ def test_garbage_rollouts_still_train_via_fn_append(trainer2, shapes_dir):
     """The random tiny model emits garbage: no valid object, every GT object appended, finite loss."""
     recs = records(shapes_dir)
     inputs = stage2_inputs(trainer2, recs)
-    rollouts = trainer2.rollout_backend.generate(trainer2.rollout_model(), inputs["prompts"])
+    rollouts = trainer2.rollout_engine.generate(trainer2.rollout_model(), inputs["prompts"])
     built = trainer2.build_targets(recs, rollouts)
     assert all(len(p.objects) == 0 for p, _, _ in built)
     assert [t.fn_appended for _, _, t in built] == [len(r.objects) for r in recs]
@@ -184,7 +184,7 @@ def test_zero_gt_image_trains_close_brace_and_eos(trainer2, shapes_dir):
 
     rec = replace(records(shapes_dir, 1)[0], objects=())
     inputs = stage2_inputs(trainer2, [rec])
-    rollouts = trainer2.rollout_backend.generate(trainer2.rollout_model(), inputs["prompts"])
+    rollouts = trainer2.rollout_engine.generate(trainer2.rollout_model(), inputs["prompts"])
     (parsed, match, tgt), = trainer2.build_targets([rec], rollouts)
     assert trainer2.table.text(tgt.y_ids[tgt.prefix_len:]) == "}<|im_end|>"
     assert len(tgt.ce_positions) == 2 and tgt.fn_appended == 0
@@ -197,10 +197,10 @@ def test_zero_gt_image_trains_close_brace_and_eos(trainer2, shapes_dir):
 
 
 def test_greedy_rollout_equals_standalone_generate(trainer2, shapes_dir):
-    from src.trainers.encoding import left_padded_prompts
+    from src.rollout.encoding import left_padded_prompts
 
     inputs = stage2_inputs(trainer2, records(shapes_dir, 1))
-    (ro,) = trainer2.rollout_backend.generate(trainer2.rollout_model(), inputs["prompts"])
+    (ro,) = trainer2.rollout_engine.generate(trainer2.rollout_model(), inputs["prompts"])
     model = trainer2.rollout_model()
     model.eval()
     batch = left_padded_prompts(inputs["prompts"], trainer2.processor.tokenizer.pad_token_id)
@@ -215,18 +215,18 @@ def test_generation_restores_train_mode(trainer2, shapes_dir):
     inputs = stage2_inputs(trainer2, records(shapes_dir, 1))
     model = trainer2.rollout_model()
     model.train()
-    trainer2.rollout_backend.generate(model, inputs["prompts"])
+    trainer2.rollout_engine.generate(model, inputs["prompts"])
     assert model.training
 
 
 def test_beam_selects_the_best_beam(tiny_model_dirs, shapes_dir, tmp_path):
-    from src.trainers.encoding import left_padded_prompts
+    from src.rollout.encoding import left_padded_prompts
 
     cfg = make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path,
                    custom={"extra": {"rollout_matching": {"decode_mode": "beam", "num_beams": 3}}})
     tr = make_trainer(cfg)
     inputs = stage2_inputs(tr, records(shapes_dir, 1))
-    (ro,) = tr.rollout_backend.generate(tr.rollout_model(), inputs["prompts"])
+    (ro,) = tr.rollout_engine.generate(tr.rollout_model(), inputs["prompts"])
     model = tr.rollout_model().eval()
     batch = left_padded_prompts(inputs["prompts"], tr.processor.tokenizer.pad_token_id)
     with torch.no_grad():
@@ -313,7 +313,7 @@ def test_repeat_guard_stops_degenerate_rollouts_and_is_counted(tiny_model_dirs, 
         "max_new_tokens": 40, "repeat_guard": {"enabled": True, "ngram_size": 2, "ngram_max_repeats": 3}}}})
     tr = make_trainer(cfg)
     inputs = stage2_inputs(tr, records(shapes_dir, 2))
-    rollouts = tr.rollout_backend.generate(tr.rollout_model(), inputs["prompts"])
+    rollouts = tr.rollout_engine.generate(tr.rollout_model(), inputs["prompts"])
     assert all(r.stopped_by_guard and not r.hit_max_new_tokens and len(r.response_ids) < 40 for r in rollouts)
     tr.model.train()
     tr.compute_loss(tr.model, inputs)
@@ -339,7 +339,7 @@ def test_long_rollout_at_the_cap_trains_with_selective_logits_and_is_counted(tin
     inputs = stage2_inputs(tr, recs)
     objs = [DetObject(f"shape {i % 7}", "bbox_2d", (i % 900, (7 * i) % 900, i % 900 + 40, (7 * i) % 900 + 60)) for i in range(200)]
     long_ids = tr.table.encode(serialize_objects(objs))[:cap]
-    tr.rollout_backend.generate = lambda model, prompts, synced_gpus=False: [fake_rollout(p, long_ids, hit_max_new_tokens=True) for p in prompts]
+    tr.rollout_engine.generate = lambda model, prompts, synced_gpus=False: [fake_rollout(p, long_ids, hit_max_new_tokens=True) for p in prompts]
     rows = []
     handle = tr.model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape))
     try:
@@ -422,8 +422,8 @@ def test_one_rollout_call_per_optimizer_step_equals_per_micro_batch(tiny_model_d
                        training={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "max_steps": 2})
         tr = make_trainer(cfg)
         calls = []
-        generate = tr.rollout_backend.generate
-        tr.rollout_backend.generate = lambda model, prompts, synced_gpus=False: (calls.append(len(prompts)), generate(model, prompts, synced_gpus))[1]
+        generate = tr.rollout_engine.generate
+        tr.rollout_engine.generate = lambda model, prompts, synced_gpus=False: (calls.append(len(prompts)), generate(model, prompts, synced_gpus))[1]
         tr.train()
         logs = [h for h in tr.state.log_history if "loss" in h]
         rollouts = [json.loads(line) for line in (Path(cfg.training.args["output_dir"]) / "rollouts.jsonl").read_text().splitlines()]
@@ -459,8 +459,9 @@ def test_sampling_inherits_nothing_from_the_checkpoints_generation_config(tiny_m
 
     from src.models.loading import load_model_and_processor
     from src.data.prompt import prompt_text
-    from src.trainers.encoding import encode_prompt, left_padded_prompts
-    from src.trainers.rollout import DecodeSettings, HFRolloutBackend
+    from src.rollout.encoding import encode_prompt, left_padded_prompts
+    from src.rollout.engine import DecodeSettings
+    from src.rollout.hf import HFEngine
     from src.rollout_matching.tokens import token_table
     from PIL import Image
 
@@ -481,7 +482,7 @@ def test_sampling_inherits_nothing_from_the_checkpoints_generation_config(tiny_m
     def ours(mode: str, seed: int) -> list[int]:
         s = DecodeSettings(decode_mode=mode, max_new_tokens=12, temperature=1.0 if mode == "sample" else 0.0, top_k=0, top_p=1.0)
         torch.manual_seed(seed)
-        return HFRolloutBackend(s, eos_id=table.im_end_id, pad_id=pad).generate(model, [prompt])[0].response_ids
+        return HFEngine(s, eos_id=table.im_end_id, pad_id=pad).generate(model, [prompt])[0].response_ids
 
     def reference(do_sample: bool, seed: int) -> list[int]:
         saved = model.generation_config

@@ -9,7 +9,7 @@ machines with and without torchvision. They round-trip ``save_pretrained`` / ``f
 
 :func:`encode_prompts` builds a left-padded batch with ``mm_token_type_ids`` padded like ``input_ids``
 (Qwen-VL needs it for correct 3-D rope positions under left padding), through the same per-sample
-encoding the rollouts and collators use (``src.trainers.encoding``).
+encoding the rollouts and collators use (``src.rollout.encoding``).
 """
 
 from __future__ import annotations
@@ -126,27 +126,3 @@ def load_processor(model_dir: str | Path, *, min_pixels: int | None = None, max_
 def num_image_tokens(processor, image_grid_thw: torch.Tensor) -> torch.Tensor:
     """Image placeholder tokens per image after the spatial merge. ``[N, 3] -> [N]``."""
     return image_grid_thw.prod(-1) // processor.image_processor.merge_size**2
-
-
-def encode_prompts(processor, images: Sequence, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
-    """Encode one image per sample with its prompt into a LEFT-padded batch (a convenience over the
-    training path's :func:`src.trainers.encoding.encode_prompt` + :func:`~src.trainers.encoding.left_padded_prompts`).
-
-    ``prompt`` is one rendered chat prompt (``src.data.prompt.prompt_text``) shared by all samples, or
-    one per sample; each must hold exactly one image placeholder, which the processor expands to the
-    image's token count.
-
-    Returns (B samples, L = longest prompt, P = total patches):
-        input_ids, attention_mask, mm_token_type_ids: ``[B, L]`` int64, left-padded (pad positions have
-            attention 0 and mm type 0; image tokens have mm type 1);
-        pixel_values: ``[P, C*T*patch*patch]`` float32, images concatenated;
-        image_grid_thw: ``[B, 3]`` int64 (t, h, w in patches).
-    """
-    from src.trainers.encoding import encode_prompt, left_padded_prompts
-
-    images = list(images)
-    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-    if not images or len(prompts) != len(images):
-        raise ValueError(f"need one prompt per image and at least one image: {len(prompts)} prompts, {len(images)} images")
-    encoded = [encode_prompt(processor, image, text) for image, text in zip(images, prompts)]
-    return left_padded_prompts(encoded, processor.tokenizer.pad_token_id)

@@ -17,11 +17,11 @@ from src.config.schema import Config
 from src.data.images import load_image
 from src.data.prompt import prompt_text
 from src.losses.supervised import LossOutput, NonFiniteLogitsError, teacher_forced_losses
-from src.rollout_matching.repeat_guard import GuardSettings
+from src.rollout.encoding import encode_prompt
+from src.rollout.engine import build_engine
 from src.rollout_matching.tokens import token_table
-from src.trainers.encoding import MODEL_INPUT_KEYS, encode_prompt
+from src.trainers.batches import MODEL_INPUT_KEYS
 from src.trainers.metrics import StepMetrics, ratio
-from src.trainers.rollout import DecodeSettings, HFRolloutBackend
 
 LOSS_SUM_KEYS = (
     "ce_sum", "ce_count", "coord_sum", "coord_count", "coord_prefix_sum", "coord_prefix_count",
@@ -51,11 +51,8 @@ class DetectionTrainer(Trainer):
         self._coord_ids = torch.as_tensor(self.table.coord_ids, dtype=torch.long)
         self.step_metrics = StepMetrics((*LOSS_SUM_KEYS, "samples", *self.extra_metric_keys))
         rm = run_config.rollout_matching
-        self.rollout_backend = HFRolloutBackend(
-            DecodeSettings.from_config(rm), eos_id=self.table.im_end_id, pad_id=processor.tokenizer.pad_token_id,
-            table=self.table, guard=GuardSettings.from_config(rm.repeat_guard) if rm.repeat_guard.enabled else None,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        )
+        self.rollout_engine = build_engine(rm, self.table, processor.tokenizer.pad_token_id,
+                                           gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
 
     # ------------------------------------------------------------------------- teacher-forced pass
 
@@ -198,7 +195,7 @@ class DetectionTrainer(Trainer):
         n = len(ds)
         shard = list(range(rank, n, world_size))
         per_rank = math.ceil(n / world_size)
-        bs = self.rollout_backend.settings.decode_batch_size
+        bs = self.rollout_engine.settings.decode_batch_size
         model = self.rollout_model()
         rm = self.run_config.rollout_matching
         counts = DetectionCounts()
@@ -211,7 +208,7 @@ class DetectionTrainer(Trainer):
                 idx = [0]
             records = [ds[i]["record"] for i in idx]
             prompts = [encode_prompt(self.processor, load_image(r.image, r.source), prompt) for r in records]
-            rollouts = self.rollout_backend.generate(model, prompts, synced_gpus=self.synced_gpus())
+            rollouts = self.rollout_engine.generate(model, prompts, synced_gpus=self.synced_gpus())
             for rec, ro in list(zip(records, rollouts))[:real]:
                 parsed = parse_rollout(ro.response_ids, self.table)
                 counts.add(count_matches(parsed, rec.objects, match_kwargs(rm), hit_cap=ro.hit_max_new_tokens))

@@ -12,7 +12,8 @@ from src.data.images import load_image
 from src.data.prompt import prompt_text
 from src.data.serialize import order_objects, serialize_objects
 from src.rollout_matching.tokens import token_table
-from src.trainers.encoding import SupervisedSequence, encode_prompt, right_padded_teacher_forced
+from src.rollout.encoding import encode_prompt
+from src.trainers.batches import SupervisedSequence, right_padded_teacher_forced
 
 
 class RecordDataset(Dataset):

@@ -26,15 +26,15 @@ import torch.distributed as dist
 from src.config.loader import ConfigError
 from src.data.contract import Record
 from src.data.images import load_image
+from src.rollout.encoding import encode_prompt, image_digests
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.parser import ParseResult, parse_rollout
 from src.rollout_matching.stats import match_kwargs
 from src.rollout_matching.targets import TrainTarget, build_train_target
 from src.trainers.base import DetectionTrainer, world
-from src.trainers.encoding import SupervisedSequence, encode_prompt, image_digests, right_padded_teacher_forced
+from src.trainers.batches import SupervisedSequence, right_padded_teacher_forced
 from src.trainers.metrics import ratio
-from src.trainers.registry import register
-from src.trainers.rollout import Rollout
+from src.rollout.engine import Rollout
 
 # Summed over the micro-batches of a logging window and over ranks (SPEC §13 names first).
 ROLLOUT_SUM_KEYS = (
@@ -157,7 +157,6 @@ def trim_rollout_log(path: Path, last_step: int) -> int:
     return len(lines) - len(kept)
 
 
-@register("rollout_matching_sft")
 class RolloutMatchingSFTTrainer(DetectionTrainer):
     extra_metric_keys = ROLLOUT_SUM_KEYS
 
@@ -256,7 +255,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         counted over all micro-batches and ranks."""
         t0 = time.perf_counter()
         prompts = [p for b in window.batches for p in b["prompts"]]
-        rollouts = self.rollout_backend.generate(self.rollout_model(), prompts, synced_gpus=self.synced_gpus())
+        rollouts = self.rollout_engine.generate(self.rollout_model(), prompts, synced_gpus=self.synced_gpus())
         rollout_s = time.perf_counter() - t0
         plans, start = [], 0
         for b in window.batches:
@@ -285,7 +284,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
             plan = window.plans[inputs["window_index"]]
         else:  # rollout_window: micro_batch (or a caller outside the training loop)
             t0 = time.perf_counter()
-            rollouts = self.rollout_backend.generate(self.rollout_model(model), inputs["prompts"], synced_gpus=self.synced_gpus())
+            rollouts = self.rollout_engine.generate(self.rollout_model(model), inputs["prompts"], synced_gpus=self.synced_gpus())
             t1 = time.perf_counter()
             plan = self.plan(records, rollouts)
             plan.rollout_s, plan.targets_s = t1 - t0, time.perf_counter() - t1

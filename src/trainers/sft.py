@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from src.trainers.base import DetectionTrainer
 from src.trainers.data import SFTCollator
-from src.trainers.registry import register
 
 
-@register("sft")
 class SFTTrainer(DetectionTrainer):
     @staticmethod
     def make_collator(processor, cfg, seed: int):

@@ -1,9 +1,8 @@
-"""Rollout generation behind a small interface (SPEC §11), so a vLLM backend can be added later
-without touching the trainer.
+"""The Hugging Face engine: batched ``generate`` over left-padded prompts (SPEC §11).
 
-``HFRolloutBackend`` runs batched ``generate`` over left-padded prompts (``decode_batch_size`` per
-call), without grad, KV cache on, on the unwrapped model in eval mode with gradient checkpointing off
-— restored in ``finally``. The GenerationConfig is complete and explicit: nothing is inherited from
+``decode_batch_size`` prompts per ``generate`` call, without grad, KV cache on, on the unwrapped model in
+eval mode with gradient checkpointing off — restored in ``finally``. The GenerationConfig is complete and
+explicit, and the model's own ``generation_config`` is emptied during the call: nothing is inherited from
 the checkpoint's ``generation_config.json`` (since transformers v5, unset fields would be).
 """
 
@@ -11,82 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
-from src.trainers.encoding import PromptEncoding, image_digests, left_padded_prompts
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    decode_mode: str = "greedy"
-    max_new_tokens: int = 1024
-    num_beams: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    decode_batch_size: int = 8
-
-    @classmethod
-    def from_config(cls, rm) -> "DecodeSettings":
-        """From a :class:`src.config.schema.RolloutMatchingConfig`."""
-        return cls(**{k: getattr(rm, k) for k in cls.__dataclass_fields__})
-
-
-@dataclass
-class Rollout:
-    """One generated answer. ``response_ids`` start right after the prompt and end at (and include)
-    the first ``<|im_end|>`` when there is one; padding is removed."""
-
-    prompt: PromptEncoding
-    response_ids: list[int]
-    hit_max_new_tokens: bool
-    stopped_by_guard: bool = False
-    # What the engine actually consumed for this row (checked against the teacher-forced forward):
-    consumed_prompt_ids: tuple[int, ...] = ()   # the prompt ids, padding removed
-    consumed_image_digest: str = ""             # sha1 of the pixel rows passed to the engine
-
-
-class RepeatGuardCriteria:
-    """``transformers`` stopping criterion running one :class:`RowGuard` per generated row.
-
-    Rows that already emitted an end token are no longer fed. ``stopped_rows`` holds the rows the guard
-    stopped (counted as ``rollout/repeat_guard_stops``)."""
-
-    def __init__(self, table, settings, prompt_len: int, end_ids: tuple[int, ...]):
-        from src.rollout_matching.repeat_guard import RowGuard
-
-        self._row = lambda: RowGuard(table, settings)
-        self.rows: list = []
-        self.seen = prompt_len
-        self.end_ids = end_ids
-        self.done: set[int] = set()
-        self.stopped_rows: set[int] = set()
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        if not self.rows:
-            self.rows = [self._row() for _ in range(input_ids.shape[0])]
-        new = input_ids[:, self.seen :].tolist()
-        self.seen = input_ids.shape[1]
-        out = []
-        for b, toks in enumerate(new):
-            for t in toks:
-                if b in self.done:
-                    break
-                if t in self.end_ids:
-                    self.done.add(b)
-                elif self.rows[b].push(t):
-                    self.done.add(b)
-                    self.stopped_rows.add(b)
-            out.append(b in self.stopped_rows)
-        return torch.tensor(out, dtype=torch.bool, device=input_ids.device)
-
-
-class RolloutBackend(Protocol):
-    def generate(self, model, prompts: Sequence[PromptEncoding]) -> list[Rollout]: ...
+from src.rollout.encoding import PromptEncoding, image_digests, left_padded_prompts
+from src.rollout.engine import DecodeSettings, Rollout
+from src.rollout.guard import RepeatGuardCriteria
 
 
 def build_generation_config(s: DecodeSettings, eos_id: int, pad_id: int):
@@ -162,7 +92,7 @@ def generation_mode(model, gradient_checkpointing_kwargs: dict | None = None) ->
         model.train(was_training)
 
 
-class HFRolloutBackend:
+class HFEngine:
     """Batched Hugging Face ``generate``."""
 
     def __init__(self, settings: DecodeSettings, eos_id: int, pad_id: int, *, table=None, guard=None,

@@ -1,9 +1,10 @@
-"""Per-sample prompt encoding and the padded batches built from it.
+"""Per-sample prompt encoding, shared by the rollout engines, the trainers and the tools.
 
 One :class:`PromptEncoding` per sample is made once (the processor expands the image placeholder) and
-reused for the rollout (LEFT-padded generate batch) and for the teacher-forced forward (RIGHT-padded
-``prompt + assistant`` batch). Both batches therefore carry exactly the same prompt ids, image tensors
-and ``mm_token_type_ids`` (which Qwen-VL needs for correct rope positions; FIELD_NOTES).
+reused for the rollout (LEFT-padded generate batch, :func:`left_padded_prompts`) and for the
+teacher-forced forward (RIGHT-padded ``prompt + assistant`` batch, :mod:`src.trainers.batches`). Both
+therefore carry exactly the same prompt ids, image tensors and ``mm_token_type_ids`` (which Qwen-VL
+needs for correct rope positions; FIELD_NOTES).
 """
 
 from __future__ import annotations
@@ -92,65 +93,23 @@ def left_padded_prompts(prompts: Sequence[PromptEncoding], pad_id: int) -> dict[
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm, **stack_images(prompts)}
 
 
-@dataclass
-class SupervisedSequence:
-    """One teacher-forced sample: prompt + assistant ids with per-assistant-token supervision.
+def encode_prompts(processor, images: Sequence, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    """Encode one image per sample with its prompt into a LEFT-padded batch (:func:`encode_prompt` per
+    sample + :func:`left_padded_prompts`).
 
-    ``ce_targets[i]``: the token id when assistant token i is CE-supervised, else -100.
-    ``coord_bins[i]``: the target bin when token i gets the coord loss, else -1.
-    ``coord_segment[i]``: 0 = rollout prefix, 1 = tail (stage 1: all tail).
+    ``prompt`` is one rendered chat prompt (``src.data.prompt.prompt_text``) shared by all samples, or
+    one per sample; each must hold exactly one image placeholder, which the processor expands to the
+    image's token count.
+
+    Returns (B samples, L = longest prompt, P = total patches):
+        input_ids, attention_mask, mm_token_type_ids: ``[B, L]`` int64, left-padded (pad positions have
+            attention 0 and mm type 0; image tokens have mm type 1);
+        pixel_values: ``[P, C*T*patch*patch]`` float32, images concatenated;
+        image_grid_thw: ``[B, 3]`` int64 (t, h, w in patches).
     """
-
-    prompt: PromptEncoding
-    assistant_ids: list[int]
-    ce_targets: list[int]
-    coord_bins: list[int]
-    coord_segment: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        n = len(self.assistant_ids)
-        if not self.coord_segment:
-            self.coord_segment = [1] * n
-        if not (len(self.ce_targets) == len(self.coord_bins) == len(self.coord_segment) == n):
-            raise ValueError("supervision arrays must have one entry per assistant token")
-
-
-def right_padded_teacher_forced(samples: Sequence[SupervisedSequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Teacher-forced batch, RIGHT-padded. Supervision is moved to LOGIT positions: the token at
-    absolute position t is predicted by the logits at t-1, so ``supervised_mask[b, t-1]`` is set.
-
-    Returns model inputs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``,
-    ``image_grid_thw``) plus ``supervised_mask`` ``[B, L]`` bool and, each ``[B, L]``,
-    ``ce_targets`` (-100), ``coord_bins`` (-1), ``coord_segment``, and ``assistant_start`` ``[B]``.
-    """
-    lens = [s.prompt.input_ids.numel() + len(s.assistant_ids) for s in samples]
-    B, L = len(samples), max(lens)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    mm = torch.zeros((B, L), dtype=torch.long)
-    ce = torch.full((B, L), -100, dtype=torch.long)
-    cb = torch.full((B, L), -1, dtype=torch.long)
-    seg = torch.ones((B, L), dtype=torch.long)
-    start = torch.zeros(B, dtype=torch.long)
-    for b, s in enumerate(samples):
-        p = s.prompt.input_ids.numel()
-        n = len(s.assistant_ids)
-        if p == 0:
-            raise ValueError("empty prompt")
-        ids[b, :p] = s.prompt.input_ids
-        ids[b, p : p + n] = torch.tensor(s.assistant_ids, dtype=torch.long)
-        attn[b, : p + n] = 1
-        mm[b, :p] = s.prompt.mm_token_type_ids
-        # logits at position t-1 predict the token at t
-        ce[b, p - 1 : p - 1 + n] = torch.tensor(s.ce_targets, dtype=torch.long)
-        cb[b, p - 1 : p - 1 + n] = torch.tensor(s.coord_bins, dtype=torch.long)
-        seg[b, p - 1 : p - 1 + n] = torch.tensor(s.coord_segment, dtype=torch.long)
-        start[b] = p
-    sup = (ce >= 0) | (cb >= 0)
-    return {
-        "input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm, **stack_images([s.prompt for s in samples]),
-        "supervised_mask": sup, "ce_targets": ce, "coord_bins": cb, "coord_segment": seg, "assistant_start": start,
-    }
-
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    images = list(images)
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if not images or len(prompts) != len(images):
+        raise ValueError(f"need one prompt per image and at least one image: {len(prompts)} prompts, {len(images)} images")
+    encoded = [encode_prompt(processor, image, text) for image, text in zip(images, prompts)]
+    return left_padded_prompts(encoded, processor.tokenizer.pad_token_id)

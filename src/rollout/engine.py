@@ -1,0 +1,67 @@
+"""The rollout engine interface (SPEC §11): prompts in, rollouts out.
+
+An engine turns :class:`src.rollout.encoding.PromptEncoding` s into :class:`Rollout` s with the decoding of
+:class:`DecodeSettings`; the trainers and ``src.infer`` only talk to this interface and get an engine
+from :func:`build_engine` (``custom.extra.rollout_matching.backend``). Every engine reports, per rollout,
+the prompt ids and image pixels it consumed, which the trainer checks against its teacher-forced forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from src.rollout.encoding import PromptEncoding
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    decode_mode: str = "greedy"
+    max_new_tokens: int = 1024
+    num_beams: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    decode_batch_size: int = 8
+
+    @classmethod
+    def from_config(cls, rm) -> "DecodeSettings":
+        """From a :class:`src.config.schema.RolloutMatchingConfig`."""
+        return cls(**{k: getattr(rm, k) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Rollout:
+    """One generated answer. ``response_ids`` start right after the prompt and end at (and include)
+    the first ``<|im_end|>`` when there is one; padding is removed."""
+
+    prompt: PromptEncoding
+    response_ids: list[int]
+    hit_max_new_tokens: bool
+    stopped_by_guard: bool = False
+    # What the engine actually consumed for this row (checked against the teacher-forced forward):
+    consumed_prompt_ids: tuple[int, ...] = ()   # the prompt ids, padding removed
+    consumed_image_digest: str = ""             # sha1 of the pixel rows passed to the engine
+
+
+class RolloutEngine(Protocol):
+    settings: DecodeSettings
+
+    def generate(self, model, prompts: Sequence[PromptEncoding], synced_gpus: bool = False) -> list[Rollout]:
+        """One rollout per prompt, in order. ``model``: the policy to roll out (the unwrapped training
+        model; an engine that holds its own copy of the weights uses it only to sync them)."""
+        ...
+
+
+def build_engine(rm, table, pad_id: int, *, gradient_checkpointing_kwargs: dict | None = None) -> RolloutEngine:
+    """The engine named by ``rm.backend`` (a :class:`src.config.schema.RolloutMatchingConfig`) with its
+    decoding and repeat guard. ``table``: the tokenizer's :class:`src.rollout_matching.tokens.TokenTable`."""
+    from src.rollout.hf import HFEngine
+    from src.rollout_matching.repeat_guard import GuardSettings
+
+    guard = GuardSettings.from_config(rm.repeat_guard) if rm.repeat_guard.enabled else None
+    if rm.backend == "hf":
+        return HFEngine(DecodeSettings.from_config(rm), eos_id=table.im_end_id, pad_id=pad_id, table=table, guard=guard,
+                        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    raise ValueError(f"custom.extra.rollout_matching.backend: unknown engine {rm.backend!r}")
