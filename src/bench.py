@@ -392,6 +392,7 @@ def lean_worker(model_dir: str, variant: str, seq: int, reps: int, out: str) -> 
     import torch
 
     from src.losses.supervised import teacher_forced_losses
+    from src.models.selective import selected_logits
     from src.models.loading import load_model_and_processor
 
     torch.manual_seed(0)
@@ -420,8 +421,7 @@ def lean_worker(model_dir: str, variant: str, seq: int, reps: int, out: str) -> 
         (before backward), so the full variant's [T, V] logits do not outlive the loss."""
         inputs = {k: x[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if variant == "lean":
-            out = model(**inputs, logits_to_keep=x["mask"], use_cache=False)
-            logits = out.logits
+            logits = selected_logits(model, inputs, x["mask"], use_cache=False)
         else:
             out = model(**inputs, logits_to_keep=0, use_cache=False)
             logits = out.logits[x["mask"]]  # [N, V]: the same rows in the same order

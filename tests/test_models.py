@@ -329,3 +329,30 @@ def test_load_processor_of_real_layout(qwen_like_checkpoint):
     assert processor.image_processor.size.shortest_edge == 3136
     assert processor.image_processor.size.longest_edge == 128 * 128
     assert processor.chat_template and processor.tokenizer.padding_side == "left"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_selected_logits_equal_the_full_logits_at_the_mask(arch, tiny_loaded, sample_images):
+    """Logits only at selected rows, through the model's own forward (no 2-D logits_to_keep needed, so it
+    works on transformers 5.19 too): the same values as the full [B, L, V] logits at those rows, and the
+    lm_head projects only those rows."""
+    import torch
+
+    from src.models.selective import output_projection, selected_logits
+
+    model, processor = tiny_loaded[arch]
+    enc = encode_prompts(processor, sample_images, prompt_text(processor))
+    inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+    mask = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
+    mask[0, -5:] = True
+    mask[1, -3:-1] = True
+    shapes = []
+    h = output_projection(model).register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        with torch.no_grad():
+            sel = selected_logits(model, inputs, mask, use_cache=False)
+            full = model(**inputs, logits_to_keep=0, use_cache=False).logits
+    finally:
+        h.remove()
+    assert shapes[0] == (7, full.shape[-1]) and sel.shape == (7, full.shape[-1])
+    assert torch.allclose(sel, full[mask], atol=1e-5, rtol=1e-5)

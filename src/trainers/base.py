@@ -17,6 +17,7 @@ from src.config.schema import Config
 from src.data.images import load_image
 from src.data.prompt import prompt_text
 from src.losses.supervised import LossOutput, NonFiniteLogitsError, teacher_forced_losses
+from src.models.selective import selected_logits
 from src.rollout.encoding import encode_prompt
 from src.rollout.engine import build_engine
 from src.rollout_matching.tokens import token_table
@@ -63,10 +64,7 @@ class DetectionTrainer(Trainer):
         samples (their ``file:line`` when ``sources`` is given) — see docs/reliability.md."""
         mask = batch["supervised_mask"]
         inputs = {k: batch[k] for k in MODEL_INPUT_KEYS}
-        out = model(**inputs, logits_to_keep=mask, use_cache=False)
-        logits = out.logits  # [N, V], rows in row-major (b, t) order of mask
-        if logits.dim() != 2 or logits.shape[0] != int(mask.sum()):
-            raise RuntimeError(f"selective logits returned shape {tuple(logits.shape)}; expected [{int(mask.sum())}, V]")
+        logits = selected_logits(model, inputs, mask, use_cache=False)  # [N, V], rows in row-major (b, t) order of mask
         sample_idx = mask.nonzero(as_tuple=True)[0]
         try:
             return self._losses(logits, batch, mask, sample_idx, token_denominator)
