@@ -11,8 +11,11 @@ Input, one JSON object per line (coordinates in PIXELS of the image, data contra
      "dropped_invalid": 0, "id": "...",                                      # these six optional
      "eval": {...}}      # optional: evaluation-only GT of a converted record (src.data.eval_fields), copied by src.infer
 
-Every line is validated (the object rules of the data contract, pixels inside the image); a bad line
-stops with one line ``FILE:LINE: ...`` and exit code 2.
+Every line is validated: its keys, flags and GT strictly (the object rules of the data contract, pixels
+inside the image) — a bad line stops with one line ``FILE:LINE: ...`` and exit code 2. Predictions are
+what a model or another detector really emits: one outside the image is clipped to it and counted
+(``pred_clipped``), one breaking the contract (inverted or zero-size box, odd polygon, no desc,
+non-finite value or score) is counted (``pred_invalid``) and not scored — never a reason to stop.
 
 Reported (see docs/evaluation.md):
 
@@ -55,7 +58,7 @@ from typing import Any, Iterable, Sequence
 from src.data.contract import DataError, iter_jsonl, parse_record
 from src.data.coords import bins_to_pixels
 from src.data.eval_fields import EvalFieldError, EvalInfo, parse_eval_info
-from src.data.objects import DetObject
+from src.data.objects import GEOMETRIES, DetObject
 
 LINE_KEYS = {"image", "width", "height", "gt", "pred", "raw_text", "truncated", "malformed", "hit_max_new_tokens", "dropped_invalid", "id", "eval"}
 FLAGS = ("truncated", "malformed", "hit_max_new_tokens")  # optional booleans, default false
@@ -80,6 +83,9 @@ class ImagePredictions:
     malformed: bool = False
     hit_max_new_tokens: bool = False
     dropped_invalid: int = 0
+    pred_clipped: int = 0       # predictions clipped to the image (then scored)
+    pred_invalid: int = 0       # predictions breaking the data contract (not scored)
+    first_invalid: str = ""     # the first reason, for the report
     source: str = ""  # "file:line"
     eval: EvalInfo | None = None  # evaluation-only GT of a converted record (crowd regions, source boxes, LVIS fields)
 
@@ -126,27 +132,78 @@ def read_line(obj: Any, where: str) -> ImagePredictions:
     if type(dropped) is not int or dropped < 0:
         raise DataError(f"{where}: 'dropped_invalid' must be an int >= 0, got {dropped!r}")
 
-    # Optional per-prediction "score": validate and strip it before the data-contract object check.
-    scores: list[float | None] = []
-    preds = []
+    gt, gt_px = _objects(obj, "gt", where)  # GT stays strict: any problem stops the run
+    preds = read_predicted_objects(obj, where)
+    return ImagePredictions(
+        image=obj["image"], width=obj["width"], height=obj["height"], gt=gt, gt_pixels=gt_px,
+        pred=preds.objects, pred_pixels=preds.pixels, scores=preds.scores, pred_clipped=preds.clipped,
+        pred_invalid=len(preds.invalid), first_invalid=preds.invalid[0] if preds.invalid else "",
+        **flags, dropped_invalid=dropped, source=where, eval=read_eval_info(obj, len(gt), where),
+    )
+
+
+@dataclass(frozen=True)
+class PredictedObjects:
+    """The scorable predictions of one line (bins + pixels + scores, in appearance order), how many were
+    clipped to the image, and the reasons the others were not scored."""
+
+    objects: tuple[DetObject, ...]
+    pixels: tuple[tuple[float, ...], ...]
+    scores: tuple[float, ...]
+    clipped: int
+    invalid: tuple[str, ...]
+
+
+def clip_to_image(o: Any, width: int, height: int) -> tuple[Any, bool]:
+    """A predicted object with its finite pixel coordinates clipped to the image (0..width, 0..height),
+    and whether anything moved. Anything else (coord-token strings, bins records, malformed objects) is
+    returned as it is, for the data contract to judge."""
+    if not isinstance(o, dict):
+        return o, False
+    moved = False
+    out = dict(o)
+    for g in GEOMETRIES:
+        values = o.get(g)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            continue
+        clipped = [min(max(v, 0), width if i % 2 == 0 else height) for i, v in enumerate(values)]
+        moved |= clipped != values
+        out[g] = clipped
+    return out, moved
+
+
+def read_predicted_objects(obj: dict, where: str) -> PredictedObjects:
+    """Predictions are what a model or another detector really emits: a box a pixel outside the image is
+    clipped to it and counted (``pred_clipped``); an object breaking the data contract (no desc, an
+    inverted or zero-size box after clipping, an odd polygon, a non-finite value or score, ...) is counted
+    (``pred_invalid``) and not scored. Neither stops the run. Stand-in scores keep each prediction's
+    appearance rank among ALL of the line's predictions, so dropping one never reorders the others."""
+    width, height = obj["width"], obj["height"]
+    n = len(obj["pred"])
+    default = appearance_scores(n)
+    objects, pixels, scores, invalid = [], [], [], []
+    clipped = 0
     for j, o in enumerate(obj["pred"]):
+        at = f"{where}: pred: objects[{j}]"
+        score = default[j]
         if isinstance(o, dict) and "score" in o:
             s = o["score"]
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise DataError(f"{where}: pred: objects[{j}]: 'score' must be a finite number, got {s!r}")
-            scores.append(float(s))
+                invalid.append(f"{at}: 'score' must be a finite number, got {s!r}")
+                continue
+            score = float(s)
             o = {k: v for k, v in o.items() if k != "score"}
-        else:
-            scores.append(None)
-        preds.append(o)
-    gt, gt_px = _objects(obj, "gt", where)
-    pred, pred_px = _objects({**obj, "pred": preds}, "pred", where)
-    default = appearance_scores(len(pred))
-    return ImagePredictions(
-        image=obj["image"], width=obj["width"], height=obj["height"], gt=gt, gt_pixels=gt_px,
-        pred=pred, pred_pixels=pred_px, scores=tuple(d if s is None else s for s, d in zip(scores, default)),
-        **flags, dropped_invalid=dropped, source=where, eval=read_eval_info(obj, len(gt), where),
-    )
+        o, moved = clip_to_image(o, width, height)
+        try:
+            (det,), (px,) = _objects({"image": obj["image"], "width": width, "height": height, "pred": [o]}, "pred", f"{where}")
+        except DataError as e:
+            invalid.append(str(e).replace(f"{where}: pred: objects[0]", at, 1))
+            continue
+        clipped += moved
+        objects.append(det)
+        pixels.append(px)
+        scores.append(score)
+    return PredictedObjects(tuple(objects), tuple(pixels), tuple(scores), clipped, tuple(invalid))
 
 
 def read_eval_info(obj: dict, num_gt: int, where: str) -> EvalInfo | None:
@@ -241,6 +298,8 @@ def evaluate(images: Sequence[ImagePredictions]) -> dict[str, Any]:
     out["dropped_invalid"] = int(out["dropped_invalid"])
     out["gt_objects"] = sum(len(im.gt) for im in images)
     out["pred_objects"] = sum(len(im.pred) for im in images)
+    out["pred_clipped"] = sum(im.pred_clipped for im in images)
+    out["pred_invalid"] = sum(im.pred_invalid for im in images)
     return out
 
 
@@ -250,7 +309,8 @@ def format_table(m: dict[str, Any]) -> str:
         return "   -  " if v is None else f"{v:6.3f}"
 
     lines = [
-        f"images {m['images']}   GT objects {m['gt_objects']}   predicted objects {m['pred_objects']}",
+        f"images {m['images']}   GT objects {m['gt_objects']}   predicted objects {m['pred_objects']}"
+        f"   (clipped to the image {m['pred_clipped']}, invalid and not scored {m['pred_invalid']})",
         "",
         "COCOeval          AP    AP50    AP75   AR@100",
         f"  bbox        {f(m['bbox_AP'])}  {f(m['bbox_AP50'])}  {f(m['bbox_AP75'])}  {f(m['bbox_AR100'])}",
@@ -340,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         return fail(str(e))
     metrics = evaluate(images)
+    bad = [im for im in images if im.pred_invalid]
+    if bad:
+        print(f"note: {metrics['pred_invalid']} invalid prediction(s) in {len(bad)} line(s) were not scored; first: {bad[0].first_invalid}",
+              file=sys.stderr)
     print(format_table(metrics))
     print()
     print(format_extra_table(metrics))

@@ -299,6 +299,8 @@ def render(im: ImagePredictions) -> Rendering:
     footer = f"matched {counts.matched}  FP {counts.fp}  FN {counts.fn}" + ("  [truncated]" if im.truncated else "") + ("  [malformed]" if im.malformed else "")
     if hidden:
         footer += f"  ({hidden} labels left out: no free room)"
+    if im.pred_invalid:
+        footer += f"  ({im.pred_invalid} invalid predictions not drawn)"  # as src.eval: counted, not scored
     canvas = Image.new("RGB", (size[0], size[1] + FOOTER), (255, 255, 255))
     canvas.paste(area, (0, 0))
     ImageDraw.Draw(canvas).text((6, size[1] + 6), footer, fill=(0, 0, 0), font=_font(15))

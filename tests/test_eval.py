@@ -114,8 +114,8 @@ def test_main_writes_json_and_table(tmp_path, capsys, shapes_gt):
     (None, "file not found"),
     ('{"image": "x.png"\n', ":1: malformed JSON"),
     (json.dumps({"image": "x.png", "width": 10, "height": 10, "gt": []}) + "\n", ":1: missing key(s) ['pred']"),
-    (json.dumps(line([box(10, 10)], [{"desc": "a", "bbox_2d": [1, 2, 3]}])) + "\n", ":1: pred: objects[0]"),
-    (json.dumps(line([box(10, 10)], [box(190, 10)])) + "\n", "outside the image"),
+    (json.dumps(line([{"desc": "a", "bbox_2d": [1, 2, 3]}], [box(10, 10)])) + "\n", ":1: gt: objects[0]"),  # GT stays strict
+    (json.dumps(line([box(190, 10)], [box(10, 10)])) + "\n", "outside the image"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, content, expect):
     pred = tmp_path / "p.jsonl"
@@ -186,3 +186,32 @@ def test_label_aware_figures_next_to_class_agnostic_ones(tmp_path):
     im = read_predictions(tmp_path / "cross.jsonl")[0]
     agnostic = match_objects(im.pred, im.gt, **match_kwargs(RolloutMatchingConfig(), maskiou_gate=0.5)).matches
     assert not any(im.pred[i].desc == im.gt[j].desc for i, j in agnostic)  # filtering those would give 0
+
+
+def test_predictions_outside_the_image_are_clipped_and_invalid_ones_counted_not_refused(tmp_path, capsys):
+    """A file of 5,000 images never fails on one prediction: a box a pixel outside the image is clipped
+    to it (counted in pred_clipped, then scored), an inverted box, a box entirely outside the image, an
+    odd polygon, a missing desc and a NaN score are counted in pred_invalid and not scored; the other
+    predictions keep their appearance-order scores."""
+    lines = [line([box(10, 10)], [box(10, 10)]) for _ in range(5000)]
+    lines[17]["pred"] = [{"desc": "a", "bbox_2d": [10, 10, 50, 50.5]}, {"desc": "a", "bbox_2d": [190, 150, 201, 200]}]  # 1 px out
+    lines[42]["pred"] = [
+        {"desc": "a", "bbox_2d": [50, 10, 10, 50]},                 # inverted
+        {"desc": "a", "bbox_2d": [210, 10, 250, 50]},               # entirely outside: zero width after clipping
+        {"desc": "a", "poly": [1, 2, 3, 4, 5]},                     # odd polygon
+        {"bbox_2d": [10, 10, 50, 50]},                              # no desc
+        {**box(10, 10), "score": float("nan")},                     # NaN score
+        box(10, 10),                                                # the one valid prediction, appearance rank 5 of 6
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines).replace("NaN", "NaN"))
+    assert main(["--pred", str(path), "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["images"] == 5000 and m["pred_clipped"] == 1 and m["pred_invalid"] == 5
+    assert m["pred_objects"] == 4998 + 2 + 1
+    err = capsys.readouterr().err
+    assert f"note: 5 invalid prediction(s) in 1 line(s) were not scored; first: {path}:43: pred: objects[0]:" in err
+    im = read_predictions(path)[42]
+    assert im.pred_invalid == 5 and len(im.pred) == 1 and im.scores == (1 - 5 / 7,)
+    clipped = read_predictions(path)[17]
+    assert clipped.pred_pixels[1] == (190.0, 150.0, 200.0, 200.0) and clipped.pred_clipped == 1

@@ -127,6 +127,21 @@ def test_degenerate_polygons_give_zero(backend):
     np.testing.assert_array_equal(iou, 0.0)
 
 
+def test_inverted_and_flat_boxes_are_degenerate_on_both_backends():
+    """One verdict per box: an inverted box (x2 < x1 or y2 < y1) used to get maskIoU 1.0 with its
+    normalised twin from the exact backend (its corners span the same rectangle) and 0.0 from the
+    raster one. Such a box (and a zero-width or zero-height one) is degenerate: 0 on both backends, with
+    boxes and polygons, through mask_iou and mask_iou_pairs."""
+    bad = [box(300, 100, 100, 400), box(100, 400, 300, 100), box(300, 400, 100, 100), box(100, 100, 300, 100)]
+    good = [box(100, 100, 300, 400), poly(100, 100, 300, 100, 300, 400, 100, 400), poly(90, 90, 320, 90, 200, 420)]
+    for backend in ("raster", "exact"):
+        np.testing.assert_array_equal(mask_iou(bad, good + bad, backend=backend), 0.0)
+        np.testing.assert_array_equal(mask_iou(good + bad, bad, backend=backend), 0.0)
+        rows, cols = np.meshgrid(np.arange(len(bad)), np.arange(len(good)), indexing="ij")
+        np.testing.assert_array_equal(mask_iou_pairs(bad, good, rows.ravel(), cols.ravel(), backend=backend), 0.0)
+        assert mask_iou(good[:1], good[1:2], backend=backend)[0, 0] == pytest.approx(1.0)  # the proper twin still matches
+
+
 def test_self_intersecting_polygon_is_repaired_with_both_lobes():
     bow_tie = poly(0, 0, 100, 100, 100, 0, 0, 100)  # two triangles of area 2500 each
     assert mask_iou([bow_tie], [box(0, 0, 100, 100)], backend="exact")[0, 0] == pytest.approx(0.5)

@@ -205,3 +205,25 @@ def test_outline_on_the_right_and_bottom_edge_stays_on_the_canvas(tmp_path):
     assert fn[h - 1, int(32 * scale) :].sum() > 0.3 * (w - 32 * scale)  # bottom edge
     for x in (int(8 * scale), int(24 * scale)):  # interior verticals pass through column x * scale
         assert fp[int(10 * scale) : int(18 * scale), x].all()
+
+
+def test_invalid_predictions_are_not_drawn_and_the_picture_is_made(tmp_path):
+    """One verdict per box across tools: an inverted predicted box is an invalid object for the parser,
+    for src.eval (counted, not scored) and for src.visualize (counted, not drawn) — never a refused file."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(tmp_path / "grey.png")
+    line = {"image": "grey.png", "width": 64, "height": 48, "gt": [{"desc": "a", "bbox_2d": [8, 8, 24, 20]}],
+            "pred": [{"desc": "a", "bbox_2d": [8, 8, 24, 20]}, {"desc": "bad", "bbox_2d": [40, 30, 20, 10]}]}
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps(line) + "\n")
+    (path,) = visualize.visualize(pred, tmp_path / "vis")
+    assert path.exists()
+    from dataclasses import replace
+
+    from src.eval import read_predictions
+
+    (im,) = read_predictions(pred)
+    assert im.pred_invalid == 1 and [o.desc for o in im.pred] == ["a"]
+    r = visualize.render(replace(im, image=str(tmp_path / "grey.png")))
+    assert [lab.text for lab in r.labels if not lab.text.startswith("GT")] == ["1. a"] and r.counts.fp == 0

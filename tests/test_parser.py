@@ -250,6 +250,13 @@ BAD_OBJECT_VALUES = {
     "trailing comma": f'{{"desc": "cat", "bbox_2d": {B4},}}',
     "empty object": "{}",
     "not an object_N key": None,  # special-cased below
+    # one verdict per box: inverted or zero-width/height boxes are invalid objects (canonical spelling:
+    # the fast path; check_invariants also runs the general path on each)
+    "inverted box (x2 < x1)": f'{{"desc": "cat", "bbox_2d": {arr(Q[2], Q[1], Q[0], Q[3])}}}',
+    "inverted box (y2 < y1)": f'{{"desc": "cat", "bbox_2d": {arr(Q[0], Q[3], Q[2], Q[1])}}}',
+    "zero-width box": f'{{"desc": "cat", "bbox_2d": {arr(Q[0], Q[1], Q[0], Q[3])}}}',
+    "zero-height box": f'{{"desc": "cat", "bbox_2d": {arr(Q[0], Q[1], Q[2], Q[1])}}}',
+    "inverted box, non-canonical spacing": f'{{"desc":"cat","bbox_2d":{arr(Q[2], Q[1], Q[0], Q[3])}}}',
 }
 
 

@@ -18,8 +18,9 @@ maskIoU treats each object as ONE polygon (a bbox is its 4 corners) and has two 
   polygons are repaired with ``shapely.make_valid(method="structure")`` (a bow-tie keeps both lobes;
   collapsed parts are dropped, so a zero-area polygon becomes empty).
 
-Degenerate shapes (fewer than 3 vertices, or zero area) have maskIoU 0 with everything, on both
-backends; nothing here raises on them.
+Degenerate shapes (fewer than 3 vertices, zero area, or a box with x2 <= x1 or y2 <= y1) have maskIoU
+0 with everything, on both backends; nothing here raises on them. (The parser never lets such a box
+through: it is an invalid object, dropped and counted.)
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def _raster_iou_pairs(a: Sequence[DetObject], b: Sequence[DetObject], rows: np.n
     used_b, cols_local = np.unique(cols, return_inverse=True)  # [Nb], [K]
     # Chunks of spatially close rows need fewer columns, so fewer bounding-box checks and RLE decodes
     # (-30% at 300 objects): order the rows by the left edge of their polygon. The values do not depend on it.
-    coords, sizes = _vertices([a[i] for i in used_a])  # [V, 2], [Na]
+    coords, sizes = _shape_vertices([a[i] for i in used_a])  # [V, 2], [Na]
     if sizes.min() > 0:
         left = np.minimum.reduceat(coords[:, 0], np.cumsum(sizes) - sizes)  # [Na]
     else:  # an object without vertices (rasterises empty)
@@ -246,9 +247,25 @@ def _vertices(objs: Sequence[DetObject]) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.array(flat, dtype=np.float64).reshape(-1, 2), 0, MAX_BIN), np.array(sizes, dtype=np.int64)
 
 
+def _shape_vertices(objs: Sequence[DetObject]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_vertices` for maskIoU: an inverted or zero-width / zero-height box (x2 <= x1 or y2 <= y1)
+    gets NO vertices, so it is a degenerate shape (maskIoU 0) on both backends, never the rectangle its
+    corners would also span."""
+    coords, counts = _vertices(objs)
+    is_box = np.fromiter((o.geometry == "bbox_2d" for o in objs), dtype=bool, count=len(objs))
+    if is_box.any():
+        first = (np.cumsum(counts) - counts)[is_box]  # [B] index of each box's (x1, y1) corner; (x2, y2) is +2
+        improper = np.zeros(len(objs), dtype=bool)
+        improper[is_box] = (coords[first + 2] <= coords[first]).any(axis=1)
+        if improper.any():
+            coords = coords[np.repeat(~improper, counts)]
+            counts = np.where(improper, 0, counts)
+    return coords, counts
+
+
 def _raster_rles(objs: Sequence[DetObject], resolution: int) -> list[dict]:
     """One compressed RLE per object on a ``resolution`` x ``resolution`` canvas."""
-    return _rles_from_vertices(*_vertices(objs), resolution)
+    return _rles_from_vertices(*_shape_vertices(objs), resolution)
 
 
 def _rles_from_vertices(coords: np.ndarray, sizes: np.ndarray, resolution: int) -> list[dict]:
@@ -269,7 +286,7 @@ def _raster_iou_matrix(rles_a: list[dict], rles_b: list[dict]) -> np.ndarray:
 
 def _exact_polygons(objs: Sequence[DetObject]) -> np.ndarray:
     """One valid shapely geometry per object ``[N]`` (an empty polygon when fewer than 3 vertices)."""
-    coords, sizes = _vertices(objs)  # [V, 2], [N]
+    coords, sizes = _shape_vertices(objs)  # [V, 2], [N]
     ok = sizes >= 3  # [N]
     out = np.full(len(objs), shapely.Polygon(), dtype=object)
     if ok.any():

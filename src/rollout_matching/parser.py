@@ -22,8 +22,9 @@ How it works (one pass, no per-call decoding):
    the same verdict on canonical entries (a property test runs both paths on fuzzed rollouts).
 3. When a depth-1 entry's value ``{...}`` closes, that ``}`` is a candidate cut, and an ``object_N``
    entry is validated: its exact value bytes must parse as one JSON object with exactly the keys
-   ``desc`` (a string that is not blank, as in the data contract) and one of ``bbox_2d`` (4 values) /
-   ``poly`` (>= 3 ``[x, y]`` pairs); every value a string that is exactly one coord token. The coord
+   ``desc`` (a string that is not blank, as in the data contract) and one of ``bbox_2d`` (4 values
+   with x2 > x1 and y2 > y1: an inverted or zero-width/height box is invalid) / ``poly`` (>= 3
+   ``[x, y]`` pairs); every value a string that is exactly one coord token. The coord
    tokens are captured BY ID: every coord-token id between the geometry array's ``[`` and ``]``; they
    must agree 1:1 (count and bins) with the parsed values, so a coord spelled with ordinary text
    tokens makes the object invalid. Invalid objects are counted, never repaired.
@@ -107,6 +108,12 @@ def _escaped_object_index(key: bytes) -> int | None:
         return None
     m = re.fullmatch(r"object_([0-9]+)", text) if isinstance(text, str) else None
     return int(m.group(1)) if m else None
+
+
+def _proper_box(bins: list[int]) -> bool:
+    """x2 > x1 and y2 > y1: an inverted or zero-width / zero-height box is an invalid object (the data
+    contract's rule for GT boxes), dropped and counted like any other."""
+    return bins[2] > bins[0] and bins[3] > bins[1]
 
 
 @dataclass(frozen=True)
@@ -403,6 +410,8 @@ class _Scan:
         # one captured id, so the string is exactly that token: spelled-out coord texts never pass.
         if flat != [_COORD_TEXT[b] for b in bins]:
             return None
+        if geometry == "bbox_2d" and not _proper_box(bins):
+            return None
         index: int = entry.index  # type: ignore[assignment]  # only object_N entries are validated
         return ParsedObject(f"object_{index}", index, geometry, desc, tuple(bins), tuple(positions))
 
@@ -424,6 +433,8 @@ class _Scan:
         # No value-text check needed: every value is one coord text and '<' starts each, so a coord
         # token (bytes '<|coord_k|>', no quote or bracket) can only sit inside a value, at most one per
         # value, spanning it whole. Equal counts = each value IS one coord token's text.
+        if geometry == "bbox_2d" and not _proper_box(bins):
+            return None
         index = int(m.group(1))
         return ParsedObject(f"object_{index}", index, geometry, desc, tuple(bins), tuple(positions))
 
