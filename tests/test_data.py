@@ -156,6 +156,10 @@ def test_valid_records_pixels_bins_and_tokens(jsonl_dir):
         ({**GOOD, "images": ["img/missing.png"]}, "image file not found"),
         ({**GOOD, "coords": "normalized"}, "'coords' must be"),
         ({**GOOD, "extra_field": 1}, "unknown record key(s) ['extra_field']"),
+        # desc text that spells a control token would be encoded as that token (a coord inside a desc, a stop)
+        ({**GOOD, "objects": [{"desc": "sign <|coord_5|>", "bbox_2d": [0, 0, 5, 5]}]}, "contains '<|coord_5|>', the text of a tokenizer control token"),
+        ({**GOOD, "objects": [{"desc": "a<|im_end|>", "bbox_2d": [0, 0, 5, 5]}]}, "contains '<|im_end|>'"),
+        ({**GOOD, "objects": [{"desc": "x <think> y", "bbox_2d": [0, 0, 5, 5]}]}, "contains '<think>'"),
     ],
 )
 def test_bad_lines_name_file_and_line(jsonl_dir, record, message):
@@ -181,3 +185,10 @@ def test_desc_is_stored_nfc(jsonl_dir):
     p = write_lines(jsonl_dir, {**GOOD, "objects": [{"desc": "Cafe\u0301", "bbox_2d": [0, 0, 5, 5]}]})
     recs, _ = load_jsonl(p)
     assert recs[0].objects[0].desc == "Caf\u00e9"
+
+
+def test_desc_text_near_control_tokens_is_plain_text(jsonl_dir):
+    """Only whole control-token texts are refused: '<|' alone, 'a | b', '<coord_5>' are ordinary text."""
+    p = write_lines(jsonl_dir, {**GOOD, "objects": [{"desc": d, "bbox_2d": [0, 0, 5, 5]} for d in ("<| arrow", "a | b", "<coord_5>", "x <thinking>")]})
+    (rec,), _ = load_jsonl(p)
+    assert [o.desc for o in rec.objects] == ["<| arrow", "a | b", "<coord_5>", "x <thinking>"]

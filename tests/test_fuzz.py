@@ -30,7 +30,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from src.data.objects import DetObject
+from src.data.coords import parse_coord_token
+from src.data.objects import DetObject, control_text_in
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.parser import parse_rollout, prefix_text
 from src.rollout_matching.targets import build_train_target
@@ -90,6 +91,7 @@ def check_pipeline(table, response, gts=GTS, seed: int = 0):
         top = json.loads(body, object_pairs_hook=list)  # ONE JSON object ...
         assert isinstance(top, list)
         dec = json.JSONDecoder(object_pairs_hook=list)
+        body = body.lstrip()  # the answer may start with a space token (' {'); raw_decode does not skip it
         obj, end = dec.raw_decode(body)
         assert body[end:].strip() == ""  # ... and nothing after it
         keys = [k for k, _ in top]
@@ -247,6 +249,12 @@ def test_mutated_rich_rollouts(token_table, mutated, data):
     check_pipeline(token_table, ids, gts, seed=data.draw(st.integers(0, 3)))
 
 
+def proper_box(values: list[str]) -> bool:
+    """x2 > x1 and y2 > y1 (inverted or flat boxes are invalid objects)."""
+    bins = [parse_coord_token(v) for v in values]
+    return None not in bins and bins[2] > bins[0] and bins[3] > bins[1]
+
+
 @given(entries=st.lists(entry_st(), min_size=1, max_size=4))
 @example(entries=[("object_1", {"desc": "\ufb2a", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]})])  # not NFC
 def test_valid_objects_survive_rich_neighbours(token_table, entries):
@@ -260,7 +268,8 @@ def test_valid_objects_survive_rich_neighbours(token_table, entries):
     if IM_END not in rich_text(entries):
         good = [(k, v) for k, v in entries if k.startswith("object_") and k[7:].isdigit() and isinstance(v, dict)
                 and set(v) in ({"desc", "bbox_2d"}, {"desc", "poly"}) and isinstance(v["desc"], str) and v["desc"].strip()
-                and ("bbox_2d" in v and len(v["bbox_2d"]) == 4 and all(isinstance(x, str) for x in v["bbox_2d"])
+                and control_text_in(v["desc"]) is None
+                and ("bbox_2d" in v and len(v["bbox_2d"]) == 4 and all(isinstance(x, str) for x in v["bbox_2d"]) and proper_box(v["bbox_2d"])
                      or "poly" in v and all(isinstance(p, list) and len(p) == 2 for p in v["poly"]))]
         assert len(r.objects) == len(good)
         # the tokenizer NFC-normalises text, so a desc comes back in NFC (data loaded from JSONL is NFC already)

@@ -257,6 +257,10 @@ BAD_OBJECT_VALUES = {
     "zero-width box": f'{{"desc": "cat", "bbox_2d": {arr(Q[0], Q[1], Q[0], Q[3])}}}',
     "zero-height box": f'{{"desc": "cat", "bbox_2d": {arr(Q[0], Q[1], Q[2], Q[1])}}}',
     "inverted box, non-canonical spacing": f'{{"desc":"cat","bbox_2d":{arr(Q[2], Q[1], Q[0], Q[3])}}}',
+    # a desc spelling a control token is not a valid desc (as in the data contract)
+    "desc holding a coord token": f'{{"desc": "sign <|coord_5|>", "bbox_2d": {B4}}}',
+    "desc spelling a coord token with an escape": f'{{"desc": "sign \\u003c|coord_5|>", "bbox_2d": {B4}}}',
+    "desc holding <think>": f'{{"desc": "a <think> b", "bbox_2d": {B4}}}',
 }
 
 

@@ -241,3 +241,37 @@ def test_encode_serialized_switches_itself_off_for_a_tokenizer_that_merges_acros
     assert table.encode_serialized(text) == whole_text_differs(text)
     assert not table._segments.enabled
     assert table.encode_serialized(text) == whole_text_differs(text)
+
+
+def test_no_target_holds_a_control_token_inside_a_desc(qwen_tokenizer, tmp_path):
+    """The data contract refuses desc texts spelling Qwen's control tokens; a tokenizer may carry other
+    added tokens (here '<obj>'), and GT text encoding to one of them must never become a target: the FN
+    tail and the stage-1 answer are checked token by token (coord tokens only where coordinates are)."""
+    import copy
+
+    from src.data.contract import DataError, Record
+    from src.rollout_matching.matcher import match_objects
+    from src.rollout_matching.parser import parse_rollout
+    from src.rollout_matching.targets import ControlTokenError, build_train_target
+    from src.rollout_matching.tokens import token_table
+
+    tok = copy.deepcopy(qwen_tokenizer)
+    tok.add_tokens(["<obj>"], special_tokens=True)
+    table = token_table(tok)
+    assert tok.convert_tokens_to_ids("<obj>") in table.control_ids
+    gts = [DetObject("cat", "bbox_2d", (1, 2, 30, 40)), DetObject("big <obj> here", "bbox_2d", (100, 200, 300, 400))]
+    parsed = parse_rollout(table.encode("{}") + [table.im_end_id], table)
+    with pytest.raises(ControlTokenError, match=r"the FN tail encodes control token\(s\) \['<obj>'\]"):
+        build_train_target(parsed, gts, match_objects([], gts), table)
+    build_train_target(parsed, gts[:1], match_objects([], gts[:1]), table)  # a plain desc passes
+
+    import random
+
+    from src.trainers.data import SFTCollator
+
+    collator = SFTCollator.__new__(SFTCollator)  # answer_ids needs only the token table
+    collator.table, collator.ordering, collator.rng = table, "sorted", random.Random(0)
+    record = Record(image=tmp_path / "x.png", width=64, height=64, objects=tuple(gts), source="train.jsonl:7")
+    with pytest.raises(DataError, match=r"^train.jsonl:7: the GT answer encodes control token\(s\) \['<obj>'\]"):
+        collator.answer_ids(record)
+    assert collator.answer_ids(Record(**{**record.__dict__, "objects": tuple(gts[:1])}))[-1] == table.im_end_id

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from src.data.coords import MAX_BIN, fix_box_bins, parse_coord_token, pixels_to_bins
 from src.data.eval_fields import EvalFieldError, EvalInfo, is_number, parse_eval_info
-from src.data.objects import GEOMETRIES, DetObject
+from src.data.objects import GEOMETRIES, DetObject, control_text_in
 
 RECORD_KEYS = {"images", "width", "height", "objects", "coords", "metadata", "summary", "id", "eval"}
 OBJECT_KEYS = {"desc", *GEOMETRIES}
@@ -150,6 +150,9 @@ def parse_record(obj: Any, base_dir: Path, where: str, check_image: bool = True,
         desc = o.get("desc")
         if not isinstance(desc, str) or not desc.strip():
             raise _fail(owhere, "'desc' must be a non-empty string")
+        if (token := control_text_in(desc)) is not None:
+            raise _fail(owhere, f"'desc' {desc!r} contains {token!r}, the text of a tokenizer control token (it would be "
+                        "encoded as that token, not as text); remove or rewrite it")
         geoms = [g for g in GEOMETRIES if g in o]
         if len(geoms) != 1:
             raise _fail(owhere, f"needs exactly one geometry ('bbox_2d' or 'poly'), found {geoms or 'none'}")

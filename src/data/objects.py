@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Literal, Sequence
 
 Geometry = Literal["bbox_2d", "poly"]
 GEOMETRIES: tuple[str, ...] = ("bbox_2d", "poly")
+
+# Text that Qwen tokenizers turn into a control token wherever it appears in encoded text: the special
+# and added tokens (`<|im_end|>`, `<|coord_5|>`, `<|vision_start|>`, ...) and the added tags below.
+CONTROL_TEXT = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?(?:think|tool_call|tool_response)>")
+
+
+def control_text_in(desc: str) -> str | None:
+    """The first piece of ``desc`` that spells a tokenizer control token (None if there is none). Such a
+    desc would be encoded as that token: a coord loss inside a desc of the FN tail, a stop token in the
+    middle of a stage-1 answer. It is not a valid desc anywhere (data contract, parser, src.eval)."""
+    m = CONTROL_TEXT.search(desc)
+    return m.group(0) if m else None
+
 
 # bbox (x1, y1, x2, y2) -> flat corners (x1,y1),(x2,y1),(x2,y2),(x1,y2), the order of DetObject.points()
 _BOX_CORNERS = itemgetter(0, 1, 2, 1, 2, 3, 0, 3)

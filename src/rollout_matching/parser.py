@@ -58,7 +58,7 @@ from operator import itemgetter
 from typing import Sequence
 
 from src.data.coords import NUM_BINS, coord_token
-from src.data.objects import DetObject
+from src.data.objects import DetObject, control_text_in
 from src.rollout_matching.tokens import IM_END, TokenTable
 
 IM_END_BYTES = IM_END.encode("ascii")
@@ -389,7 +389,7 @@ class _Scan:
             return None  # not exactly two distinct keys
         fields = dict(pairs)
         desc = fields.get("desc")
-        if type(desc) is not str or not desc.strip() or geometry not in fields:
+        if type(desc) is not str or not desc.strip() or control_text_in(desc) is not None or geometry not in fields:
             return None
         values = fields[geometry]
         if type(values) is not list:
@@ -422,7 +422,7 @@ class _Scan:
             desc = m.group(2).decode("utf-8")  # no escapes: the JSON string value is its bytes
         except UnicodeDecodeError:
             return None
-        if not desc.strip():
+        if not desc.strip() or control_text_in(desc) is not None:
             return None
         geometry, group = ("bbox_2d", 3) if m.group(3) is not None else ("poly", 4)
         array = m.group(group)

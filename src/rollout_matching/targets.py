@@ -38,6 +38,23 @@ class TargetError(RuntimeError):
     """An internal invariant broke while building Y_train (a bug, never bad user input)."""
 
 
+class ControlTokenError(ValueError):
+    """GT text encoded to a tokenizer control token (a desc spelling an added token the data contract's
+    pattern does not know): the target would hold a stop or coord token inside a desc."""
+
+
+def check_plain_encoding(ids: Sequence[int], objects: Sequence[DetObject], table: TokenTable, what: str) -> None:
+    """``ids`` (the tokenization of the serialized ``objects``) may hold coord tokens exactly where the
+    serializer wrote coordinates and no other control token; raise :class:`ControlTokenError` otherwise."""
+    controls = table.control_ids.intersection(ids)
+    n_coords = sum(map(table.bin_by_id.__contains__, ids))
+    expected = sum(len(o.bins) for o in objects)
+    if controls or n_coords != expected:
+        found = f"control token(s) {sorted(table.piece(i).decode('utf-8', 'replace') for i in controls)}" if controls \
+            else f"{n_coords} coord tokens where the geometry has {expected}"
+        raise ControlTokenError(f"{what} encodes {found}: a desc spells a tokenizer control token; rewrite that desc")
+
+
 @dataclass(frozen=True)
 class Fragment:
     """The appended text and the byte spans (within its UTF-8 encoding) of each desc VALUE."""
@@ -147,6 +164,7 @@ def build_train_target(
     first = (parsed.max_object_index or 0) + 1
     frag = build_fragment(table.text(prefix[-8:]), fn_objects, first)  # only its last non-space char matters
     frag_ids = table.encode_serialized(frag.text)
+    check_plain_encoding(frag_ids, fn_objects, table, "the FN tail")
     y_ids = prefix + frag_ids + [table.im_end_id]
 
     # Tail supervision from byte spans of the fragment's tokens (desc spans are sorted: one pointer).

@@ -14,11 +14,12 @@ import re
 import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from src.data.coords import NUM_BINS, parse_coord_token
+from src.data.coords import NUM_BINS, coord_token, parse_coord_token
+from src.data.objects import CONTROL_TEXT
 
 COORD_PREFIX = "<|coord_"
 IM_END = "<|im_end|>"
@@ -54,6 +55,8 @@ class TokenTable:
         im_end_id: id of ``<|im_end|>`` (the chat end token = EOS of the assistant turn).
         encode: plain-text tokenization without special tokens added (coord tokens stay atomic).
         bin_by_id: coord-token id -> bin (the cheapest per-id check in Python loops).
+        control_ids: ids of the tokenizer's other added / special tokens (``<|im_end|>``, ``<|vision_pad|>``,
+            ``<think>``, ...): never expected inside the text a serializer wrote.
     """
 
     pieces: tuple[bytes, ...]
@@ -63,6 +66,7 @@ class TokenTable:
     encode: Callable[[str], list[int]]
     bin_by_id: dict[int, int] = field(default_factory=dict)
     encode_batch: Callable[[list[str]], list[list[int]]] | None = None
+    control_ids: frozenset[int] = frozenset()
     _segments: "SegmentCache" = field(default_factory=lambda: SegmentCache(), repr=False)
 
     def __post_init__(self) -> None:
@@ -94,8 +98,10 @@ class TokenTable:
 
     @classmethod
     def from_pieces(cls, pieces: Sequence[bytes], encode: Callable[[str], list[int]], im_end_id: int,
-                    encode_batch: Callable[[list[str]], list[list[int]]] | None = None) -> "TokenTable":
-        """Build from raw pieces (tests and non-HF tokenizers). Coord tokens are found by content."""
+                    encode_batch: Callable[[list[str]], list[list[int]]] | None = None,
+                    control_ids: Iterable[int] | None = None) -> "TokenTable":
+        """Build from raw pieces (tests and non-HF tokenizers). Coord tokens are found by content;
+        ``control_ids`` default to the ids whose piece is exactly a control-token text (:data:`CONTROL_TEXT`)."""
         coord_bin = np.full(len(pieces), -1, dtype=np.int32)
         coord_ids = np.full(NUM_BINS, -1, dtype=np.int64)
         for i, p in enumerate(pieces):
@@ -107,7 +113,10 @@ class TokenTable:
         if (coord_ids < 0).any():
             missing = int(np.flatnonzero(coord_ids < 0)[0])
             raise ValueError(f"tokenizer lacks <|coord_{missing}|> (and maybe others); add the coord tokens first")
-        return cls(tuple(pieces), coord_bin, coord_ids, int(im_end_id), encode, encode_batch=encode_batch)
+        if control_ids is None:
+            control_ids = [i for i, p in enumerate(pieces) if coord_bin[i] < 0 and CONTROL_TEXT.fullmatch(p.decode("utf-8", errors="replace"))]
+        return cls(tuple(pieces), coord_bin, coord_ids, int(im_end_id), encode, encode_batch=encode_batch,
+                   control_ids=frozenset(int(i) for i in control_ids) | {int(im_end_id)})
 
 
 _COORD_TEXT_SPLIT = re.compile(r"(<\|coord_(?:0|[1-9][0-9]{0,2})\|>)")  # exactly the 1000 coord-token texts
@@ -201,4 +210,6 @@ def _build(tokenizer) -> TokenTable:
         def encode_batch(texts: list[str]) -> list[list[int]]:
             return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
-    return TokenTable.from_pieces(pieces, encode, im_end, encode_batch=encode_batch)
+    coord_texts = {coord_token(k) for k in range(NUM_BINS)}
+    control = [i for c, i in added.items() if c not in coord_texts]
+    return TokenTable.from_pieces(pieces, encode, im_end, encode_batch=encode_batch, control_ids=control)

@@ -7,10 +7,11 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 
-from src.data.contract import Record
+from src.data.contract import DataError, Record
 from src.data.images import load_image
 from src.data.prompt import prompt_text
 from src.data.serialize import order_objects, serialize_objects
+from src.rollout_matching.targets import ControlTokenError, check_plain_encoding
 from src.rollout_matching.tokens import token_table
 from src.rollout.encoding import encode_prompt
 from src.trainers.batches import SupervisedSequence, right_padded_teacher_forced
@@ -45,11 +46,21 @@ class SFTCollator:
         self.rng = random.Random(seed)
         self.pad_id = processor.tokenizer.pad_token_id
 
+    def answer_ids(self, record: Record) -> list[int]:
+        """The canonical GT answer's ids + ``<|im_end|>``; a desc that encodes to a control token is a
+        :class:`DataError` naming the record (never a stop or coord token inside a desc)."""
+        objects = order_objects(record.objects, self.ordering, self.rng)
+        ids = self.table.encode(serialize_objects(objects))
+        try:
+            check_plain_encoding(ids, objects, self.table, "the GT answer")
+        except ControlTokenError as e:
+            raise DataError(f"{record.source}: {e}") from None
+        return ids + [self.table.im_end_id]
+
     def sequence(self, record: Record) -> SupervisedSequence:
         image = load_image(record.image, record.source)
         prompt = encode_prompt(self.processor, image, self.prompt)
-        text = serialize_objects(order_objects(record.objects, self.ordering, self.rng))
-        ids = self.table.encode(text) + [self.table.im_end_id]
+        ids = self.answer_ids(record)
         bins = [self.table.bin_of(i) for i in ids]
         ce = [i if b < 0 else -100 for i, b in zip(ids, bins)]
         return SupervisedSequence(prompt=prompt, assistant_ids=ids, ce_targets=ce, coord_bins=bins)

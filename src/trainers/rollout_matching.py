@@ -24,13 +24,13 @@ import torch
 import torch.distributed as dist
 
 from src.config.loader import ConfigError
-from src.data.contract import Record
+from src.data.contract import DataError, Record
 from src.data.images import load_image
 from src.rollout.encoding import encode_prompt, image_digests
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.parser import ParseResult, parse_rollout
 from src.rollout_matching.stats import match_kwargs
-from src.rollout_matching.targets import TrainTarget, build_train_target
+from src.rollout_matching.targets import ControlTokenError, TrainTarget, build_train_target
 from src.trainers.base import DetectionTrainer, world
 from src.trainers.batches import SupervisedSequence, right_padded_teacher_forced
 from src.trainers.metrics import ratio
@@ -217,10 +217,13 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         for rec, ro in zip(records, rollouts):
             parsed = parse_rollout(ro.response_ids, self.table)
             match = match_objects([o.to_det_object() for o in parsed.objects], rec.objects, **mk)
-            target = build_train_target(
-                parsed, rec.objects, match, self.table, ot_cost=rm.ot_cost, ot_epsilon=rm.ot_epsilon, ot_iters=rm.ot_iters,
-                supervise_eos=rm.supervise_eos, fn_ordering=self.run_config.custom.object_ordering, rng=self._rng,
-            )
+            try:
+                target = build_train_target(
+                    parsed, rec.objects, match, self.table, ot_cost=rm.ot_cost, ot_epsilon=rm.ot_epsilon, ot_iters=rm.ot_iters,
+                    supervise_eos=rm.supervise_eos, fn_ordering=self.run_config.custom.object_ordering, rng=self._rng,
+                )
+            except ControlTokenError as e:
+                raise DataError(f"{rec.source}: {e}") from None
             out.append((parsed, match, target))
         return out
 
