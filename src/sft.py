@@ -57,17 +57,47 @@ def prepare_assets(cfg: Config) -> None:
             build_tiny_model_dir(model_dir, arch=b.arch, seed=b.seed, preset=b.preset)
         else:
             wait_for(model_dir / "config.json", "the tiny model")
-    train = Path(cfg.custom.train_jsonl)
-    sd = cfg.custom.shapes_data
-    if sd is not None and not (train.exists() and Path(cfg.custom.val_jsonl).exists()):
+    out = shapes_to_generate(cfg)
+    if out is not None:
+        sd = cfg.custom.shapes_data
         if local_rank == 0:
             from src.data.make_shapes import make_shapes
 
-            print(f"[setup] generating shapes data ({sd.num_train} train / {sd.num_val} val) in {train.parent}", flush=True)
-            make_shapes(train.parent, num_train=sd.num_train, num_val=sd.num_val, seed=sd.seed, image_size=sd.image_size,
+            print(f"[setup] generating shapes data ({sd.num_train} train / {sd.num_val} val) in {out}", flush=True)
+            make_shapes(out, num_train=sd.num_train, num_val=sd.num_val, seed=sd.seed, image_size=sd.image_size,
                         min_shapes=sd.min_shapes, max_shapes=sd.max_shapes, kinds=tuple(sd.kinds), verbose=True)
         else:
-            wait_for(Path(cfg.custom.val_jsonl), "the shapes data")
+            wait_for(out / "val.jsonl", "the shapes data")
+
+
+SHAPES_OUTPUTS = {"train.jsonl", "val.jsonl", "images"}
+
+
+def shapes_to_generate(cfg: Config) -> Path | None:
+    """The folder ``custom.shapes_data`` should generate into, or None when there is nothing to do.
+
+    The generator fills only the paths it owns: ``DIR/train.jsonl`` + ``DIR/val.jsonl`` (+ ``DIR/images``),
+    when they are missing and DIR holds nothing else. When the configured train / val files exist (your
+    own data, e.g. in a config that extends the demo), the setting is simply unused. A missing file the
+    generator cannot own is a one-line error naming the fix."""
+    sd = cfg.custom.shapes_data
+    if sd is None:
+        return None
+    train = Path(cfg.custom.train_jsonl)
+    val = Path(cfg.custom.val_jsonl) if cfg.custom.val_jsonl else None
+    missing = [p for p in (train, val) if p is not None and not p.exists()]
+    if not missing:
+        return None
+    out = train.parent
+    fix = "point custom.train_jsonl / custom.val_jsonl at existing files, or set custom.shapes_data: null to use your own data"
+    if train.name != "train.jsonl" or val is None or val != out / "val.jsonl":
+        raise ConfigError(f"custom.shapes_data: {missing[0]} does not exist, and the shapes generator only writes DIR/train.jsonl "
+                          f"+ DIR/val.jsonl; {fix}")
+    others = sorted(p.name for p in out.iterdir() if p.name not in SHAPES_OUTPUTS and not p.name.startswith(".")) if out.is_dir() else []
+    if others:
+        raise ConfigError(f"custom.shapes_data: {missing[0]} does not exist and {out} holds other files ({', '.join(others[:3])}); "
+                          f"the shapes generator only fills a folder of its own; {fix}")
+    return out
 
 
 def training_arguments(cfg: Config, resume: str | None = None):
@@ -222,13 +252,16 @@ def load_records(cfg: Config):
     train, tstats = load_jsonl(c.train_jsonl, on_invalid=c.on_invalid_record, limit=c.max_train_samples, keep_eval=False)
     if not train:
         raise DataError(f"{c.train_jsonl}: no usable records")
-    val = []
+    val, vstats = [], None
     if c.val_jsonl:
-        val, _ = load_jsonl(c.val_jsonl, on_invalid=c.on_invalid_record, limit=c.max_val_samples, keep_eval=False)
+        val, vstats = load_jsonl(c.val_jsonl, on_invalid=c.on_invalid_record, limit=c.max_val_samples, keep_eval=False)
     check_images_open(train)
     check_images_open(val)
-    if tstats.skipped:
-        print(f"[data] skipped {tstats.skipped} invalid line(s) of {c.train_jsonl} (custom.on_invalid_record: skip); first: {tstats.skip_reasons[0]}", flush=True)
+    if dist_env()[0] == 0:
+        for path, stats in ((c.train_jsonl, tstats), (c.val_jsonl, vstats)):
+            if stats is not None and stats.skipped:
+                print(f"[data] skipped {stats.skipped} invalid line(s) of {path} (custom.on_invalid_record: skip); "
+                      f"first: {stats.skip_reasons[0]}", flush=True)
     return train, val
 
 

@@ -251,3 +251,21 @@ def test_model_dir_without_weights(capsys, tmp_path, shapes, tiny_model_dirs):
         f.unlink()
     cfg, out = write_config(tmp_path, broken, shapes / "train.jsonl")
     refused_in_process(capsys, cfg, out, "broken_model", "cannot load the model weights", "complete checkpoint")
+
+
+def test_skipped_lines_are_reported_for_the_validation_file_too(shapes, tmp_path, capsys):
+    """custom.on_invalid_record: skip counts and reports skipped lines of BOTH files (the validation file's
+    used to vanish silently)."""
+    from src.config.loader import config_from_dict
+    from src.sft import load_records
+
+    rows = good_lines(shapes)
+    train = write_jsonl(shapes / "skip_train.jsonl", rows[:3] + ["{not json"])  # next to the images (relative paths)
+    val = write_jsonl(shapes / "skip_val.jsonl", [rows[3], {**rows[0], "objects": [{"desc": ""}]}, "{broken"])
+    cfg = config_from_dict({"model": {"model_name_or_path": "m"},
+                            "custom": {"train_jsonl": str(train), "val_jsonl": str(val), "on_invalid_record": "skip"}})
+    tr, va = load_records(cfg)
+    assert (len(tr), len(va)) == (3, 1)
+    out = capsys.readouterr().out
+    assert f"[data] skipped 1 invalid line(s) of {train} (custom.on_invalid_record: skip); first: {train}:4: malformed JSON" in out
+    assert f"[data] skipped 2 invalid line(s) of {val} (custom.on_invalid_record: skip); first: {val}:2: objects[0]:" in out

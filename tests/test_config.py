@@ -90,7 +90,6 @@ def test_extends_cycle_rejected(tmp_path):
         ({"training": {"remove_unused_columns": True}}, "training.remove_unused_columns: must be false"),
         ({"training": {"effective_batch_size": 8, "gradient_accumulation_steps": 2}}, "set either effective_batch_size or gradient_accumulation_steps"),
         ({"model": {"model_name_or_path": None}}, "model.model_name_or_path: required"),
-        ({"custom": {"shapes_data": {}, "val_jsonl": "v.jsonl"}}, "custom.shapes_data: the generator writes DIR/train.jsonl"),
     ],
 )
 def test_bad_configs_give_one_line_naming_the_key(extra, message):
@@ -136,3 +135,35 @@ def test_config_reference_is_current():
     from src.config.docs import render
 
     assert (ROOT / "docs" / "config.md").read_text() == render(), "run: python -m src.config.docs > docs/config.md"
+
+
+def test_extending_the_demo_with_your_own_data_just_works(tmp_path):
+    """A config that extends the demo (which sets custom.shapes_data) and names its own train/val files
+    loads, and the generator leaves those files alone; a missing file the generator cannot own is one
+    line naming the fix (custom.shapes_data: null)."""
+    from src.sft import shapes_to_generate
+
+    (tmp_path / "data").mkdir()
+    for name in ("coco_train.jsonl", "coco_val.jsonl"):
+        (tmp_path / "data" / name).write_text("")
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({
+        "extends": str(ROOT / "configs" / "demo" / "stage1_shapes.yaml"),
+        "custom": {"train_jsonl": str(tmp_path / "data" / "coco_train.jsonl"), "val_jsonl": str(tmp_path / "data" / "coco_val.jsonl")},
+    }))
+    cfg = load_config(own)
+    assert cfg.custom.shapes_data is not None and shapes_to_generate(cfg) is None
+
+    (tmp_path / "data" / "coco_val.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"coco_val.jsonl does not exist, and the shapes generator only writes DIR/train.jsonl .*"
+                                          r"set custom.shapes_data: null to use your own data"):
+        shapes_to_generate(load_config(own))
+
+    gen = tmp_path / "gen"  # the generator's own layout: generated when absent ...
+    cfg = config_from_dict({"model": {"model_name_or_path": "m"}, "custom": {
+        "train_jsonl": str(gen / "train.jsonl"), "val_jsonl": str(gen / "val.jsonl"), "shapes_data": {"num_train": 2}}})
+    assert shapes_to_generate(cfg) == gen
+    gen.mkdir()
+    (gen / "notes.txt").write_text("mine")  # ... but never into a folder holding other files
+    with pytest.raises(ConfigError, match="holds other files .notes.txt.; the shapes generator only fills a folder of its own"):
+        shapes_to_generate(cfg)

@@ -230,8 +230,6 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError("training.remove_unused_columns: must be false (the collators and the rollout need the raw records)")
     if not cfg.custom.train_jsonl:
         raise ConfigError("custom.train_jsonl: required (path to the training JSONL)")
-    if cfg.custom.shapes_data is not None and not cfg.custom.val_jsonl:
-        raise ConfigError("custom.val_jsonl: required when custom.shapes_data is set (the generator writes both splits)")
     if rm.decode_mode == "greedy" and (rm.temperature != 0.0 or rm.num_beams != 1):
         raise ConfigError("custom.extra.rollout_matching.decode_mode: greedy needs temperature: 0.0 and num_beams: 1")
     if rm.decode_mode == "beam" and (rm.num_beams < 2 or rm.temperature != 0.0):
@@ -285,9 +283,6 @@ def check_combinations(cfg: Config) -> None:
             raise ConfigError("training.effective_batch_size: set either effective_batch_size or gradient_accumulation_steps, not both")
     sd = cfg.custom.shapes_data
     if sd is not None:
-        tr, va = Path(cfg.custom.train_jsonl), Path(cfg.custom.val_jsonl or "")
-        if tr.name != "train.jsonl" or va.name != "val.jsonl" or tr.parent != va.parent:
-            raise ConfigError("custom.shapes_data: the generator writes DIR/train.jsonl and DIR/val.jsonl; point custom.train_jsonl and custom.val_jsonl there")
         kinds = {"rectangle", "triangle", "pentagon", "ellipse"}
         bad = [k for k in sd.kinds if k not in kinds]
         if bad:
