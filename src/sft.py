@@ -1,7 +1,7 @@
 """Launch a training run from YAML.
 
-    python -m src.sft --config configs/demo/stage1_shapes.yaml [--base_config base.yaml]
-    torchrun --nproc_per_node 4 -m src.sft --config configs/rollout_matching_sft_template.yaml
+    python -m src.sft --config configs/demo/stage1_shapes.yaml [--base_config base.yaml] [section.key=value ...]
+    torchrun --nproc_per_node 4 -m src.sft --config configs/rollout_matching_sft_template.yaml training.learning_rate=3e-5
 
 Reads top to bottom: validate config -> prepare data/model if the config asks -> load records ->
 load model + processor -> build the trainer variant -> train -> save a loadable run directory.
@@ -317,6 +317,8 @@ def write_run_files(cfg: Config, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "resolved_config.yaml", "w", encoding="utf-8") as f:
         f.write(f"# resolved from: {', '.join(cfg.sources)}\n")
+        if cfg.overrides:
+            f.write(f"# command-line overrides (applied last): {' '.join(cfg.overrides)}\n")
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
 
 
@@ -361,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML config (may use extends:)")
     ap.add_argument("--base_config", default=None, help="YAML merged under --config")
     ap.add_argument("--print_config", action="store_true", help="validate, print the resolved config and exit (loads no model)")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="override any config key, typed and validated like YAML (e.g. training.learning_rate=3e-5); applied last, in order")
     args = ap.parse_args(argv)
     keep_freed_memory()
     try:
-        cfg = load_config(args.config, args.base_config)
+        cfg = load_config(args.config, args.base_config, args.overrides)
         if args.print_config:
             import yaml
 

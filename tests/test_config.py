@@ -167,3 +167,68 @@ def test_extending_the_demo_with_your_own_data_just_works(tmp_path):
     (gen / "notes.txt").write_text("mine")  # ... but never into a folder holding other files
     with pytest.raises(ConfigError, match="holds other files .notes.txt.; the shapes generator only fills a folder of its own"):
         shapes_to_generate(cfg)
+
+
+# ---------------------------------------------------------------------------- command-line overrides
+
+
+def test_overrides_are_typed_and_validated_like_yaml_keys():
+    from src.config.loader import parse_override
+
+    cfg = load_config(ROOT / "configs/smoke/sft_tiny.yaml", overrides=[
+        "training.learning_rate=3e-5", "custom.extra.rollout_matching.max_new_tokens=2048", "training.report_to=[]",
+        "custom.val_jsonl=null", "model.lora.enabled=true", "custom.shapes_data.kinds=[rectangle, ellipse]",
+        "training.learning_rate=4e-5",  # later wins
+    ])
+    assert cfg.training.args["learning_rate"] == 4e-5 and isinstance(cfg.training.args["learning_rate"], float)
+    assert cfg.rollout_matching.max_new_tokens == 2048 and cfg.training.args["report_to"] == []
+    assert cfg.custom.val_jsonl is None and cfg.model.lora.enabled is True
+    assert cfg.custom.shapes_data.kinds == ("rectangle", "ellipse")
+    assert cfg.overrides[0] == "training.learning_rate=3e-5" and len(cfg.overrides) == 7
+    assert parse_override('training.output_dir="1e3"') == (["training", "output_dir"], "1e3")  # quoted (shell: '"1e3"'): a string
+    assert parse_override("training.output_dir=a=b") == (["training", "output_dir"], "a=b")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.learning_rat=3e-5", "command-line override training.learning_rat=3e-5: training.learning_rat: unknown key "
+                                   "(not a transformers.TrainingArguments field) (did you mean 'learning_rate'?)"),
+    ("custom.extra.rollout_matching.max_new_tokens=many", "command-line override custom.extra.rollout_matching.max_new_tokens=many: "
+                                                         "custom.extra.rollout_matching.max_new_tokens: expected an integer, got 'many'"),
+    ("custom.extra.rollout_matching.candidate_topk=3", "(did you mean 'candidate_top_k'?)"),
+    ("learning_rate", "override 'learning_rate': expected section.key=value"),
+    ("training.seed=[1, ", "the value is not valid YAML"),
+])
+def test_bad_overrides_stop_with_one_line_naming_them(override, message, capsys):
+    from src.sft import main
+
+    assert main(["--config", str(ROOT / "configs/smoke/sft_tiny.yaml"), override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_bad_override_through_the_real_command_line():
+    r = subprocess.run([sys.executable, "-m", "src.sft", "--config", "configs/smoke/sft_tiny.yaml", "training.learning_rat=3e-5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: command-line override training.learning_rat=3e-5: training.learning_rat: unknown key "
+                                             "(not a transformers.TrainingArguments field) (did you mean 'learning_rate'?)"]
+
+
+def test_print_config_and_resolved_config_show_the_overrides(tiny_model_dirs, tmp_path):
+    """--print_config prints the result; a run writes it to resolved_config.yaml with the overrides named,
+    so the run is reproducible from its directory alone."""
+    r = subprocess.run([sys.executable, "-m", "src.sft", "--config", "configs/demo/stage1_shapes.yaml", "--print_config",
+                        "training.learning_rate=3e-5", "custom.extra.rollout_matching.max_new_tokens=77"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["training"]["learning_rate"] == 3e-5 and printed["custom"]["extra"]["rollout_matching"]["max_new_tokens"] == 77
+
+    from src.sft import write_run_files
+
+    cfg = load_config(ROOT / "configs/smoke/sft_tiny.yaml", overrides=["training.learning_rate=3e-5", "training.seed=7"])
+    write_run_files(cfg, tmp_path)
+    text = (tmp_path / "resolved_config.yaml").read_text()
+    assert "# command-line overrides (applied last): training.learning_rate=3e-5 training.seed=7" in text
+    again = load_config(tmp_path / "resolved_config.yaml")  # the resolved file alone reproduces the run's config
+    assert again.training.args["learning_rate"] == 3e-5 and again.training.args["seed"] == 7

@@ -99,9 +99,9 @@ def test_stage2_through_python_m_src_sft(assets):
 @pytest.mark.parametrize("variant", ["sft", "rollout_matching_sft"])
 def test_torchrun_two_processes_with_a_zero_gt_rank(assets, variant):
     """2 CPU processes (gloo); half the images have no GT, so some steps give a rank only zero-GT samples."""
-    cfg, out = write_config(assets, f"ddp_{variant}", variant, {"training": {"per_device_train_batch_size": 1, "max_steps": 4}})
+    cfg, out = write_config(assets, f"ddp_{variant}", variant, {"training": {"per_device_train_batch_size": 1, "max_steps": 6}})
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "src.sft", "--config", str(cfg)], timeout=600)
+         "-m", "src.sft", "--config", str(cfg), "training.max_steps=4"], timeout=600)  # a command-line override, on every rank
     logs = train_logs(out)
     assert len(logs) == 4
     if variant == "rollout_matching_sft":

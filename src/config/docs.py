@@ -9,7 +9,7 @@ import dataclasses
 import typing
 
 from src.config.loader import _type_name
-from src.config.schema import TRAINING_DEFAULTS, Config, TrainingConfig
+from src.config.schema import META_FIELDS, TRAINING_DEFAULTS, Config, TrainingConfig
 
 HEADER = """# Config reference
 
@@ -31,7 +31,7 @@ def _rows(cls: type, prefix: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        if f.name == "sources":
+        if f.name in META_FIELDS:
             continue
         key = f"{prefix}.{f.name}"
         tp = hints[f.name]

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from src.config.schema import TRAINING_DEFAULTS, Config, RolloutMatchingConfig, TrainingConfig
+from src.config.schema import META_FIELDS, TRAINING_DEFAULTS, Config, RolloutMatchingConfig, TrainingConfig
 
 
 class ConfigError(ValueError):
@@ -157,7 +158,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def build_section(cls: type, data: Mapping, prefix: str) -> Any:
     """Build the frozen dataclass ``cls`` from ``data``; unknown keys are errors."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "sources"}
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in META_FIELDS}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -310,7 +311,7 @@ def gradient_accumulation_for(cfg: Config, world_size: int) -> int:
 # ------------------------------------------------------------------------------------ entry point
 
 
-def config_from_dict(data: Mapping, sources: tuple[str, ...] = ()) -> Config:
+def config_from_dict(data: Mapping, sources: tuple[str, ...] = (), overrides: tuple[str, ...] = ()) -> Config:
     """Validate a merged config mapping into a :class:`Config` (raises :class:`ConfigError`)."""
     data = dict(data)
     top = {"model", "custom", "training"}
@@ -323,24 +324,59 @@ def config_from_dict(data: Mapping, sources: tuple[str, ...] = ()) -> Config:
     model = _coerce(data["model"], typing.get_type_hints(Config)["model"], "model")
     custom = _coerce(data["custom"], typing.get_type_hints(Config)["custom"], "custom")
     training = build_training(data["training"])
-    cfg = Config(model=model, custom=custom, training=training, sources=sources)
+    cfg = Config(model=model, custom=custom, training=training, sources=sources, overrides=overrides)
     check_combinations(cfg)
     return cfg
 
 
-def load_config(config: str | Path, base_config: str | Path | None = None) -> Config:
-    """Load ``config`` (merged over ``base_config`` if given), resolve ``extends:``, validate."""
+_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (key path, value). The value is read as YAML (``true``, ``null``, ``[a, b]``,
+    ``{k: v}``, numbers); a plain number YAML 1.1 reads as a string (``3e-5``) is a float. Quote a value
+    to keep it a string (``training.output_dir='"1e3"'``)."""
+    key, sep, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not key.strip() or any(not part for part in path):
+        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. training.learning_rate=3e-5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if isinstance(value, str) and _FLOAT.fullmatch(raw.strip()):
+        value = float(raw)
+    return path, value
+
+
+def apply_overrides(data: Mapping, overrides: Sequence[str]) -> dict:
+    """``data`` with each ``section.key=value`` of ``overrides`` merged over it, in order (later wins)."""
+    merged = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        merged = merge(merged, nested)
+    return merged
+
+
+def load_config(config: str | Path, base_config: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load ``config`` (merged over ``base_config`` if given), resolve ``extends:``, apply the command-line
+    ``overrides`` (``section.key=value``, last), validate — overrides exactly like YAML keys."""
     merged: dict = {}
     files: list[Path] = []
     if base_config is not None:
         merged, files = load_yaml_tree(base_config)
     data, cfiles = load_yaml_tree(config)
-    merged = merge(merged, data)
+    merged = apply_overrides(merge(merged, data), overrides)
     files += cfiles
     try:
-        return config_from_dict(merged, tuple(str(f) for f in files))
+        return config_from_dict(merged, tuple(str(f) for f in files), tuple(overrides))
     except ConfigError as e:
-        raise ConfigError(f"{config}: {e}") from None
+        blamed = [o for o in overrides if str(e).startswith(o.partition("=")[0].strip())]
+        where = f"command-line override {blamed[-1]}" if blamed else str(config)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(cfg: Config) -> dict:
@@ -348,7 +384,7 @@ def to_dict(cfg: Config) -> dict:
 
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "sources"}
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name not in META_FIELDS}
         if isinstance(v, Mapping):
             return {k: conv(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):

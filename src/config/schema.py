@@ -14,6 +14,9 @@ from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
 
+META_FIELDS = ("sources", "overrides")  # where a Config came from, not settings
+
+
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with help text (used for validation messages and the config reference)."""
     if isinstance(default, (list, dict, set)):
@@ -186,6 +189,7 @@ class Config:
     custom: CustomConfig = sub(CustomConfig, "Data, variant and loss settings.")
     training: TrainingConfig = sub(TrainingConfig, "Trainer settings.")
     sources: tuple[str, ...] = ()  # the YAML files merged, base first
+    overrides: tuple[str, ...] = ()  # command-line `section.key=value` overrides applied last, in order
 
     @property
     def rollout_matching(self) -> RolloutMatchingConfig:
