@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from transformers import Trainer
 
 from src.config.schema import Config
@@ -199,17 +201,22 @@ class DetectionTrainer(Trainer):
         counts = DetectionCounts()
         prompt = prompt_text(self.processor)
         t0 = time.perf_counter()
-        for start in range(0, per_rank, bs):
-            idx = shard[start : start + bs]
-            real = len(idx)
-            if real == 0:  # keep the number of generate calls equal on every rank (ZeRO-3 / FSDP)
-                idx = [0]
-            records = [ds[i]["record"] for i in idx]
-            prompts = [encode_prompt(self.processor, load_image(r.image, r.source), prompt) for r in records]
-            rollouts = self.rollout_engine.generate(model, prompts, synced_gpus=self.synced_gpus())
-            for rec, ro in list(zip(records, rollouts))[:real]:
-                parsed = parse_rollout(ro.response_ids, self.table)
-                counts.add(count_matches(parsed, rec.objects, match_kwargs(rm), hit_cap=ro.hit_max_new_tokens))
+        # progress of this rank's shard, shown by the main process (every rank has the same number of calls)
+        where = f" (rank 0's {len(shard)} of {n})" if world_size > 1 else ""
+        with tqdm(total=len(shard), desc=f"{metric_key_prefix} rollouts{where}", unit="img", file=sys.stderr,
+                  disable=self.args.disable_tqdm or not self.is_world_process_zero()) as bar:
+            for start in range(0, per_rank, bs):
+                idx = shard[start : start + bs]
+                real = len(idx)
+                if real == 0:  # keep the number of generate calls equal on every rank (ZeRO-3 / FSDP)
+                    idx = [0]
+                records = [ds[i]["record"] for i in idx]
+                prompts = [encode_prompt(self.processor, load_image(r.image, r.source), prompt) for r in records]
+                rollouts = self.rollout_engine.generate(model, prompts, synced_gpus=self.synced_gpus())
+                for rec, ro in list(zip(records, rollouts))[:real]:
+                    parsed = parse_rollout(ro.response_ids, self.table)
+                    counts.add(count_matches(parsed, rec.objects, match_kwargs(rm), hit_cap=ro.hit_max_new_tokens))
+                bar.update(real)
         totals = torch.tensor(counts.as_list(), dtype=torch.float64)
         if world_size > 1:
             totals = totals.to(self.args.device)
