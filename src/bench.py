@@ -55,7 +55,7 @@ QUICK = {
     "step_steps": 3, "step_batch": 4, "step_new_tokens": 16,
 }
 SUPERVISED_FRACTION = 0.2
-GUARD_CAP = 3084  # the production max_new_tokens cap (FIELD_NOTES)
+GUARD_CAP = 3084  # the max_new_tokens cap of production runs of this method
 DESCS = ["person", "car", "traffic light", "dog", "chair", "cup", "bottle", "potted plant", "book", "umbrella"]
 
 

@@ -111,7 +111,7 @@ def training_arguments(cfg: Config, resume: str | None = None):
     args["gradient_accumulation_steps"] = gradient_accumulation_for(cfg, world_size)
     if world_size > 1 and not has_accelerator():
         # Without use_cpu, accelerate reports DistributedType.NO on a CPU-only machine: every rank would
-        # train its own copy on its shard and gradients would never be averaged (FIELD_NOTES). With it,
+        # train its own copy on its shard and gradients would never be averaged. With it,
         # the model is wrapped in DDP over gloo.
         if args.get("use_cpu") is False:
             raise ConfigError(f"training.use_cpu: false with {world_size} processes and no GPU would train {world_size} "

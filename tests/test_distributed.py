@@ -1,7 +1,7 @@
 """Real data parallelism under torchrun on CPU (reliability issue, item 1).
 
 Without ``use_cpu`` accelerate leaves a CPU-only multi-process run undistributed: every rank trains its
-own copy on its shard and gradients are never averaged (FIELD_NOTES). The launcher makes such runs DDP
+own copy on its shard and gradients are never averaged. The launcher makes such runs DDP
 over gloo; these tests assert the property itself: 2 ranks x B samples per step end with the SAME
 weights, losses and stage-2 counters as 1 process x 2B samples.
 

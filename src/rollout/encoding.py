@@ -4,7 +4,8 @@ One :class:`PromptEncoding` per sample is made once (the processor expands the i
 reused for the rollout (LEFT-padded generate batch, :func:`left_padded_prompts`) and for the
 teacher-forced forward (RIGHT-padded ``prompt + assistant`` batch, :mod:`src.trainers.batches`). Both
 therefore carry exactly the same prompt ids, image tensors and ``mm_token_type_ids`` (which Qwen-VL
-needs for correct rope positions; FIELD_NOTES).
+needs for correct rope positions: without it Qwen2.5-VL silently uses wrong positions in a
+left-padded batch).
 """
 
 from __future__ import annotations
