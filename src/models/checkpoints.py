@@ -126,7 +126,11 @@ def write_model_dir(model, processor, out: str | Path, *, overwrite: bool = Fals
         if out.exists():
             old = tmp.with_name(tmp.name + ".old")
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)  # put the previous directory back
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)

@@ -1,4 +1,4 @@
-"""Image-only Qwen-VL processors, family detection, and the one prompt encoder.
+"""Image-only Qwen-VL processors and family detection.
 
 transformers 5.24's ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` refuse to
 construct without a video processor, and the video processors need torchvision. The subclasses here
@@ -13,9 +13,8 @@ classes only, exactly like a Hub checkpoint of the family (``processor_class: Qw
 directories as normal Qwen-VL checkpoints. :func:`load_processor` picks the subclass from the model
 family (config.json ``model_type``), never from a saved class name.
 
-:func:`encode_prompts` builds a left-padded batch with ``mm_token_type_ids`` padded like ``input_ids``
-(Qwen-VL needs it for correct 3-D rope positions under left padding), through the same per-sample
-encoding the rollouts and collators use (``src.rollout.encoding``).
+The prompt encoder (``encode_prompts``: a left-padded batch with ``mm_token_type_ids``) lives in
+:mod:`src.rollout.encoding`.
 """
 
 from __future__ import annotations
