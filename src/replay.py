@@ -61,6 +61,7 @@ from src.config.loader import ConfigError, load_rollout_matching
 from src.config.schema import RolloutMatchingConfig
 from src.data.contract import DataError, iter_jsonl, parse_record
 from src.data.objects import DetObject
+from src.models.checkpoints import TOKENIZER_FILES, CheckpointError, tokenizer_dir
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.ot import prefix_targets_batch
 from src.rollout_matching.parser import parse_rollout, prefix_text
@@ -70,7 +71,6 @@ from src.rollout_matching.tokens import TokenTable, token_table
 
 FN_ORDERING = "sorted"
 TIMINGS = ("parse", "match", "targets")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 COUNTERS = (  # training's rollout counters (SPEC §13 names), without the "rollout/" prefix
     "parse_dropped_invalid", "parse_truncated", "parse_malformed", "valid_pred_objects", "matched_for_supervision",
     "excluded_from_supervision", "fn_appended", "gating_rejections", "gt_objects",
@@ -110,10 +110,14 @@ def _load_token_table(model_dir: str) -> TokenTable:
     path = Path(model_dir)
     if not path.is_dir():
         raise ReplayError(f"--model {model_dir}: not a directory")
+    try:
+        path = tokenizer_dir(path)  # a LoRA adapter dir holds the run's tokenizer; one without: its base model's
+    except CheckpointError as e:
+        raise ReplayError(f"--model {model_dir}: {e}") from None
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ReplayError(f"--model {model_dir}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}); pass a model directory saved with its tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         add_coord_tokens(tokenizer)
         return token_table(tokenizer)
     except (OSError, ValueError) as e:

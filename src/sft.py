@@ -304,11 +304,12 @@ def build_trainer(cfg: Config):
 
 def save_merged_lora(trainer, path: Path) -> Path:
     """With LoRA the run directory holds the adapter; also write the merged full model (+ processor) to
-    ``path`` so that it can be used as ``model.model_name_or_path`` (e.g. stage 1 -> stage 2)."""
-    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    merged.save_pretrained(path)
-    trainer.processor.save_pretrained(path)
-    return path
+    ``path`` so that it can be used as ``model.model_name_or_path`` (e.g. stage 1 -> stage 2). The same
+    merge and atomic write as ``python -m src.export``."""
+    from src.models.checkpoints import merge_adapters, write_model_dir
+
+    merged = merge_adapters(trainer.accelerator.unwrap_model(trainer.model))
+    return write_model_dir(merged, trainer.processor, path, overwrite=True)
 
 
 def write_run_files(cfg: Config, output_dir: Path) -> None:

@@ -1,8 +1,10 @@
-"""Load a Qwen2/2.5/3-VL model directory (ours from ``build_tiny`` or a real checkpoint) for training.
+"""Load a Qwen2/2.5/3-VL model directory (ours from ``build_tiny``, a run, a LoRA adapter checkpoint or a
+real checkpoint) for training or inference.
 
-``load_model_and_processor`` is the one entry point: family detection, the image-only processor with
-left padding, coord tokens (added and their embedding rows initialised when asked), dtype, attention
-implementation, a frozen vision tower and LoRA. Every failure that a config can cause raises
+``load_model_and_processor`` is the one entry point: family detection (from config.json ``model_type``,
+a LoRA adapter's from its base model), the image-only processor with left padding, coord tokens (added
+and their embedding rows initialised when asked), dtype, attention implementation, LoRA adapter
+checkpoints (base + adapter, merged), a frozen vision tower and new LoRA adapters. Every failure that a config can cause raises
 ``ModelLoadError`` with one line naming the directory or the config key.
 
 Coord-token rows, when this function adds the tokens (``model.add_coord_tokens: true``):
@@ -23,6 +25,14 @@ from pathlib import Path
 
 import torch
 
+from src.models.checkpoints import (
+    CheckpointError,
+    adapter_base_dir,
+    has_tokenizer_files,
+    is_adapter_dir,
+    merge_adapters,
+    training_coord_init,
+)
 from src.models.processor import detect_family, load_processor
 from src.models.tokenizer import FIRST_COORD_ID, coord_token_ids, coord_tokens
 from src.models.tokenizer import add_coord_tokens as _add_coord_tokens  # the name is also a parameter below
@@ -45,6 +55,10 @@ LANGUAGE_LINEAR_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_
 
 class ModelLoadError(ValueError):
     """A model directory or loading option that cannot work; the message is one line."""
+
+
+class MissingCoordTokensError(ModelLoadError):
+    """The tokenizer lacks the coord tokens and they may not be added (``add_coord_tokens=False``)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,8 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _has_coord_tokens(tokenizer) -> bool:
+def has_coord_tokens(tokenizer) -> bool:
+    """True when every <|coord_k|> (k = 0..999) is a token of ``tokenizer``."""
     ids = tokenizer.convert_tokens_to_ids(coord_tokens())
     return all(i is not None and i != tokenizer.unk_token_id for i in ids)
 
@@ -132,10 +147,10 @@ def init_coord_rows(model, coord_ids: list[int], n_existing: int, method: str = 
 def add_missing_coord_tokens(tokenizer, add: bool, model_dir: Path) -> int | None:
     """Add the coord tokens if the tokenizer lacks them (and ``add``). Returns ``len(tokenizer)`` before
     adding, or None when they were already there."""
-    if _has_coord_tokens(tokenizer):
+    if has_coord_tokens(tokenizer):
         return None
     if not add:
-        raise ModelLoadError(
+        raise MissingCoordTokensError(
             f"{model_dir}: tokenizer lacks the coord tokens <|coord_0|>..<|coord_999|>; "
             "set model.add_coord_tokens: true to add them"
         )
@@ -213,15 +228,15 @@ def load_model_and_processor(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ):
-    """Load ``(model, processor)`` from a local Qwen2/2.5/3-VL directory.
+    """Load ``(model, processor)`` from a local Qwen2/2.5/3-VL directory: a full model or a LoRA adapter.
 
     dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
     attn_implementation: passed to ``from_pretrained`` ("sdpa", "eager", "flash_attention_2", ...).
     The processor's tokenizer pads on the left and holds the coord tokens (added here if missing and
     ``add_coord_tokens``; see the module docstring for how their rows are initialised).
+    A LoRA adapter directory is loaded as base + adapter, merged (:func:`load_adapter_checkpoint`); LoRA
+    (``lora``) and freezing then apply to that merged model as to any other.
     """
-    import transformers
-
     model_dir = Path(model_name_or_path)
     if not model_dir.is_dir():
         raise ModelLoadError(
@@ -232,6 +247,25 @@ def load_model_and_processor(
     if coord_init not in COORD_INITS:
         raise ModelLoadError(f"custom.coord_tokens.init must be one of {COORD_INITS}, got {coord_init!r}")
     lora_spec = _as_lora_spec(lora)
+    options = dict(dtype=dtype, attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
+    if is_adapter_dir(model_dir):
+        model, processor = load_adapter_checkpoint(model_dir, coord_init=coord_init, **options)
+    else:
+        model, processor = _load_full_model(model_dir, add_coord_tokens=add_coord_tokens, coord_init=coord_init, **options)
+    if freeze_vision:
+        freeze_vision_tower(model)
+    if lora_spec is not None:
+        model = apply_lora(model, lora_spec, coord_token_ids(processor.tokenizer))
+        if freeze_vision:  # peft already freezes the base; keep the rule explicit for adapters on the tower
+            freeze_vision_tower(model)
+    return model, processor
+
+
+def _load_full_model(model_dir: Path, *, add_coord_tokens: bool, dtype: str, attn_implementation: str | None,
+                     coord_init: str, min_pixels: int | None, max_pixels: int | None):
+    """``(model, processor)`` of a directory with a ``config.json`` (options already validated)."""
+    import transformers
+
     try:
         family = detect_family(model_dir)
     except ValueError as e:
@@ -253,10 +287,52 @@ def load_model_and_processor(
         raise ModelLoadError(f"{model_dir}: cannot load the model weights ({_first_line(e)}); the directory must hold a complete checkpoint") from e
     _check_vision_token_ids(model, tokenizer, model_dir)
     fit_coord_rows(model, tokenizer, n_before, coord_init, model_dir)
-    if freeze_vision:
-        freeze_vision_tower(model)
-    if lora_spec is not None:
-        model = apply_lora(model, lora_spec, coord_token_ids(tokenizer))
-        if freeze_vision:  # peft already freezes the base; keep the rule explicit for adapters on the tower
-            freeze_vision_tower(model)
     return model, processor
+
+
+def load_adapter_checkpoint(adapter_dir: str | Path, *, coord_init: str = "mean", dtype: str = "auto",
+                            attn_implementation: str | None = None, min_pixels: int | None = None,
+                            max_pixels: int | None = None):
+    """``(merged model, processor)`` of a LoRA adapter directory (see :mod:`src.models.checkpoints`).
+
+    1. The base model named in ``adapter_config.json`` is loaded like any model directory, coord tokens
+       added exactly as the training run did when the base lacked them (rows initialised with that run's
+       ``custom.coord_tokens.init``, read from its ``resolved_config.yaml``; ``coord_init`` when absent);
+    2. the processor is the one saved WITH the adapter (its tokenizer has the coord tokens); it must have
+       the same vocabulary as base + coord tokens;
+    3. peft applies the adapter (LoRA weights and the trained coord rows) and it is merged
+       (:func:`src.models.checkpoints.merge_adapters`): the result is a plain transformers model.
+    A missing base model or a vocabulary mismatch raises ``ModelLoadError`` naming the path.
+    """
+    adapter_dir = Path(adapter_dir)
+    try:
+        base_dir = adapter_base_dir(adapter_dir)
+        coord_init = training_coord_init(adapter_dir) or coord_init
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
+    if is_adapter_dir(base_dir):
+        raise ModelLoadError(f"{adapter_dir}: its base model {base_dir} is itself a LoRA adapter; export that one first (python -m src.export)")
+    if coord_init not in COORD_INITS:
+        raise ModelLoadError(f"{adapter_dir}: the run's custom.coord_tokens.init {coord_init!r} is not one of {COORD_INITS}")
+    options = dict(dtype=dtype, attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
+    model, processor = _load_full_model(base_dir, add_coord_tokens=True, coord_init=coord_init, **options)
+    if has_tokenizer_files(adapter_dir):
+        base_tokenizer = processor.tokenizer
+        try:
+            processor = load_processor(adapter_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{adapter_dir}: cannot load the processor saved with the adapter ({_first_line(e)})") from e
+        if len(processor.tokenizer) != len(base_tokenizer) or coord_token_ids(processor.tokenizer) != coord_token_ids(base_tokenizer):
+            raise ModelLoadError(
+                f"{adapter_dir}: its tokenizer ({len(processor.tokenizer)} tokens) is not the base model {base_dir}'s "
+                f"plus the coord tokens ({len(base_tokenizer)} tokens); the adapter was trained on another base"
+            )
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ModelLoadError(f"{adapter_dir} is a LoRA adapter but peft is not installed: pip install peft") from e
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (OSError, ValueError, RuntimeError) as e:  # missing adapter weights, shapes of another base
+        raise ModelLoadError(f"{adapter_dir}: cannot apply the LoRA adapter to base {base_dir} ({_first_line(e)})") from e
+    return merge_adapters(model).eval(), processor

@@ -1,15 +1,20 @@
-"""Image-only Qwen-VL processors, family detection, and the one prompt encoder.
+"""Image-only Qwen-VL processors and family detection.
 
 transformers 5.24's ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` refuse to
 construct without a video processor, and the video processors need torchvision. The subclasses here
 take only ``image_processor`` + ``tokenizer`` and always use the PIL image processor
 ``Qwen2VLImageProcessorPil`` (also Qwen3-VL's, with patch size 16), so resizing is identical on
-machines with and without torchvision. They round-trip ``save_pretrained`` / ``from_pretrained``
-(load with the subclass, or with :func:`load_processor`, which picks it from the saved files).
+machines with and without torchvision.
 
-:func:`encode_prompts` builds a left-padded batch with ``mm_token_type_ids`` padded like ``input_ids``
-(Qwen-VL needs it for correct 3-D rope positions under left padding), through the same per-sample
-encoding the rollouts and collators use (``src.rollout.encoding``).
+The subclasses are an internal detail of how WE load a model: what they save names stock transformers
+classes only, exactly like a Hub checkpoint of the family (``processor_class: Qwen3VLProcessor``,
+``image_processor_type: Qwen2VLImageProcessor``, a ``video_processor`` section with
+``video_processor_type: Qwen3VLVideoProcessor``), so ``AutoProcessor``, vLLM and serving stacks read our
+directories as normal Qwen-VL checkpoints. :func:`load_processor` picks the subclass from the model
+family (config.json ``model_type``), never from a saved class name.
+
+The prompt encoder (``encode_prompts``: a left-padded batch with ``mm_token_type_ids``) lives in
+:mod:`src.rollout.encoding`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from src.models.checkpoints import adapter_base_dir, is_adapter_dir
+
+# Sub-processor settings that a video processor shares with the image processor (the vision encoder's).
+_VIDEO_KEYS_FROM_IMAGE = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
 
 
 class _ImageOnlyProcessor:
@@ -41,17 +51,57 @@ class _ImageOnlyProcessor:
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
+    # What a stock processor of the family writes (set by each subclass).
+    stock_processor_class: str
+    stock_video_processor_type: str
+
+    def to_dict(self) -> dict:
+        """The ``processor_config.json`` content a stock processor of the family writes: stock
+        ``processor_class`` and a ``video_processor`` section (its type plus the patch / merge / mean /
+        std it shares with the image processor; the stock class fills frame sampling and size with its
+        own defaults when it is built where torchvision exists)."""
+        output = super().to_dict()
+        output["processor_class"] = self.stock_processor_class
+        image = output.get("image_processor", {})
+        output["video_processor"] = {
+            "video_processor_type": self.stock_video_processor_type,
+            **{k: image[k] for k in _VIDEO_KEYS_FROM_IMAGE if k in image},
+        }
+        return output
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save like ``ProcessorMixin.save_pretrained``, then name the stock processor in
+        ``tokenizer_config.json`` too (ProcessorMixin stamps the tokenizer with ``type(self).__name__``)."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        self.tokenizer._set_processor_class(self.stock_processor_class)
+        tokenizer_config = Path(save_directory) / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+            data["processor_class"] = self.stock_processor_class
+            tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return files
+
 
 class Qwen2VLImageOnlyProcessor(_ImageOnlyProcessor, Qwen2VLProcessor):
-    """Qwen2-VL processor without video support."""
+    """Qwen2-VL processor without video support; saves as ``Qwen2VLProcessor``."""
+
+    stock_processor_class = Qwen2VLProcessor.__name__
+    stock_video_processor_type = "Qwen2VLVideoProcessor"
 
 
 class Qwen2_5_VLImageOnlyProcessor(_ImageOnlyProcessor, Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor without video support."""
+    """Qwen2.5-VL processor without video support; saves as ``Qwen2_5_VLProcessor``."""
+
+    stock_processor_class = Qwen2_5_VLProcessor.__name__
+    stock_video_processor_type = "Qwen2VLVideoProcessor"  # Qwen2.5-VL reuses Qwen2-VL's video processor
 
 
 class Qwen3VLImageOnlyProcessor(_ImageOnlyProcessor, Qwen3VLProcessor):
-    """Qwen3-VL processor without video support (patch size 16 lives in the image processor config)."""
+    """Qwen3-VL processor without video support (patch size 16 lives in the image processor config);
+    saves as ``Qwen3VLProcessor``."""
+
+    stock_processor_class = Qwen3VLProcessor.__name__
+    stock_video_processor_type = "Qwen3VLVideoProcessor"
 
 
 # config.json ``model_type`` -> processor class. qwen3_vl_moe shares Qwen3-VL's processor.
@@ -61,39 +111,30 @@ PROCESSOR_CLASSES = {
     "qwen3_vl": Qwen3VLImageOnlyProcessor,
     "qwen3_vl_moe": Qwen3VLImageOnlyProcessor,
 }
-# ``processor_class`` written by stock or our processors -> model_type (fallback when config.json is absent).
-_PROCESSOR_CLASS_TO_FAMILY = {
-    "Qwen2VLProcessor": "qwen2_vl",
-    "Qwen2_5_VLProcessor": "qwen2_5_vl",
-    "Qwen3VLProcessor": "qwen3_vl",
-    **{cls.__name__: family for family, cls in PROCESSOR_CLASSES.items()},
-}
 
 
 def detect_family(model_dir: str | Path) -> str:
-    """The Qwen-VL family of a model or processor directory: a key of :data:`PROCESSOR_CLASSES`.
+    """The Qwen-VL family of a model directory: a key of :data:`PROCESSOR_CLASSES`.
 
-    Reads ``config.json`` ``model_type``; without a config.json, the ``processor_class`` in
-    ``processor_config.json`` / ``preprocessor_config.json``. Raises ``ValueError`` naming the dir.
+    Always the ``model_type`` of a ``config.json``: the directory's own, or for a LoRA adapter directory
+    (``adapter_config.json``, no ``config.json``) that of the base model named in its
+    ``base_model_name_or_path``. Never a saved processor class name (the processor is the same for a
+    dense and a MoE Qwen3-VL). Raises ``ValueError`` naming the directory or file.
     """
     d = Path(model_dir)
     if not d.is_dir():
         raise ValueError(f"{d}: not a directory")
+    if is_adapter_dir(d):
+        return detect_family(adapter_base_dir(d))
     config = d / "config.json"
-    if config.is_file():
-        model_type = json.loads(config.read_text()).get("model_type")
-        if model_type in PROCESSOR_CLASSES:
-            return model_type
-        raise ValueError(
-            f"{config}: model_type {model_type!r} is not a Qwen-VL model (expected one of {sorted(PROCESSOR_CLASSES)})"
-        )
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        f = d / name
-        if f.is_file():
-            processor_class = json.loads(f.read_text()).get("processor_class")
-            if processor_class in _PROCESSOR_CLASS_TO_FAMILY:
-                return _PROCESSOR_CLASS_TO_FAMILY[processor_class]
-    raise ValueError(f"{d}: no config.json or Qwen-VL processor config; cannot tell the model family")
+    if not config.is_file():
+        raise ValueError(f"{d}: no config.json (nor adapter_config.json); cannot tell the model family")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type in PROCESSOR_CLASSES:
+        return model_type
+    raise ValueError(
+        f"{config}: model_type {model_type!r} is not a Qwen-VL model (expected one of {sorted(PROCESSOR_CLASSES)})"
+    )
 
 
 def set_pixel_limits(processor, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
