@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -21,12 +21,14 @@ from src.data.prompt import prompt_text
 @dataclass(frozen=True)
 class PromptEncoding:
     """One sample's prompt. ``input_ids``/``mm_token_type_ids``: ``[L]`` (no padding);
-    ``pixel_values``: ``[n_patches, D]``; ``image_grid_thw``: ``[1, 3]``."""
+    ``pixel_values``: ``[n_patches, D]``; ``image_grid_thw``: ``[1, 3]``; ``image``: the PIL image they were
+    made from (engines that run their own image processing, like vLLM, take it)."""
 
     input_ids: torch.Tensor
     mm_token_type_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    image: Any = field(default=None, compare=False, repr=False)
 
     def digest(self) -> str:
         """Hash of the prompt ids (used to check that the forward uses the rollout's exact prompt)."""
@@ -53,7 +55,7 @@ def encode_prompt(processor, image, prompt: str | None = None) -> PromptEncoding
         raise RuntimeError(f"image placeholder expanded to {found} tokens ({int(mm.sum())} marked), expected {expected}")
     return PromptEncoding(
         input_ids=ids.to(torch.long), mm_token_type_ids=mm.to(torch.long),
-        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], image=image,
     )
 
 
