@@ -33,7 +33,6 @@ What it guarantees, and how:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 import shutil
 import tempfile
@@ -44,7 +43,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from src.rollout.encoding import PromptEncoding, image_digests
+from src.rollout.encoding import NO_IMAGE_DIGEST, PromptEncoding, pixel_digest
 from src.rollout.engine import DecodeSettings, Rollout
 from src.rollout.weights import checkpoint_tensors, unwrap
 
@@ -80,14 +79,6 @@ def collapse_image_runs(prompt: PromptEncoding) -> list[int]:
     return [t for i, t in enumerate(ids) if not (mm[i] and i > 0 and mm[i - 1])]
 
 
-def pixel_digest(pixel_values: torch.Tensor) -> str:
-    """sha1 of one image's ``pixel_values`` rows (the digest :func:`src.rollout.encoding.image_digests` makes)."""
-    return hashlib.sha1(pixel_values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-NO_IMAGE_DIGEST = hashlib.sha1(b"").hexdigest()
-
-
 def request_image_digest(request) -> str:
     """Digest of the pixels a vLLM ``EngineCoreRequest`` carries to the model (one image at most)."""
     features = [f for f in (request.mm_features or ()) if f.modality == "image"]
@@ -114,8 +105,9 @@ def finish_response(ids: Sequence[int], eos_id: int, pad_id: int, max_new_tokens
     return list(ids), len(ids) >= max_new_tokens, False
 
 
-def sampling_params(s: DecodeSettings, eos_id: int, pad_id: int, seeds: Sequence[int], guard=None) -> list:
-    """One ``vllm.SamplingParams`` per request, equal in meaning to :func:`src.rollout.hf.build_generation_config`."""
+def sampling_params(s: DecodeSettings, eos_id: int, pad_id: int, seeds: Sequence[int], guard=None, min_tokens: int = 0) -> list:
+    """One ``vllm.SamplingParams`` per request, equal in meaning to :func:`src.rollout.hf.build_generation_config`
+    (``min_tokens`` > 0 only for benchmarks that force a fixed answer length)."""
     from vllm import SamplingParams
 
     if s.decode_mode == "beam":
@@ -125,7 +117,7 @@ def sampling_params(s: DecodeSettings, eos_id: int, pad_id: int, seeds: Sequence
     return [SamplingParams(
         n=1,
         max_tokens=s.max_new_tokens,
-        min_tokens=0,
+        min_tokens=min_tokens,
         temperature=s.temperature if sample else 0.0,
         top_p=s.top_p if sample else 1.0,
         top_k=s.top_k if sample and s.top_k > 0 else 0,  # 0 = off (vLLM's "consider all tokens")
@@ -293,6 +285,7 @@ class VLLMEngine:
         self._shell: Path | None = None
         self._tp_group = None  # this rank's tensor-parallel group (tensor_parallel_size > 1)
         self.start_s = 0.0
+        self.min_new_tokens = 0  # benchmarks only: force answers to a fixed length (HF: generation_config.min_new_tokens)
         self.last_stats: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -327,7 +320,7 @@ class VLLMEngine:
             enable_sleep_mode=o.enable_sleep_mode, enforce_eager=not on_gpu,
             limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_cache_gb=0,  # pixels travel with each request
             generation_config="vllm",  # nothing from the checkpoint's generation_config.json
-            logits_processors=[_guard_stopper_class()] if self.guard is not None else None,
+            logits_processors=[_guard_stopper_class()],  # inert for requests without guard settings
         )
         from vllm.engine.arg_utils import EngineArgs
 
@@ -423,19 +416,21 @@ class VLLMEngine:
         self._wake()
         s = self.settings
         everyone, seeds, lo = self._gather_group(list(prompts), self._seeds(len(prompts)))
-        params = sampling_params(s, self.eos_id, self.pad_id, seeds, self.guard)
+        params = sampling_params(s, self.eos_id, self.pad_id, seeds, self.guard, self.min_new_tokens)
         requests = [self._request(p) for p in everyone]
         with self._recording_requests() as digests:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         if len(digests) != len(everyone) or len(outputs) != len(everyone):
             raise RuntimeError(f"vLLM took {len(digests)} requests and returned {len(outputs)} outputs for {len(everyone)} prompts")
-        rollouts = []
+        rollouts, engine_tokens = [], 0
         for p, out, digest in zip(prompts, outputs[lo:], digests[lo:]):
+            engine_tokens += len(out.outputs[0].token_ids)
             resp, hit_cap, by_guard = finish_response(out.outputs[0].token_ids, self.eos_id, self.pad_id, s.max_new_tokens, self._row_guard())
             rollouts.append(Rollout(prompt=p, response_ids=resp, hit_max_new_tokens=hit_cap, stopped_by_guard=by_guard,
                                     consumed_prompt_ids=tuple(out.prompt_token_ids), consumed_image_digest=digest))
         self._sleep()
         self.last_stats = {"seconds": time.perf_counter() - t0, "new_tokens": float(sum(len(r.response_ids) for r in rollouts)),
+                           "engine_tokens": float(engine_tokens),  # what vLLM generated, forced end tokens included
                            "weight_push_s": push_s, "weight_pushes": float(pushed)}
         return rollouts
 

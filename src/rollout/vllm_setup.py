@@ -115,18 +115,22 @@ def use_image_only_processors() -> None:
         info.get_hf_processor = lambda self, _cls=engine_side, **kw: self.ctx.get_hf_processor(_cls, **kw)
 
 
-class _DerivedBuffersOnly(logging.Filter):
-    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning on every weight push: a rotary
-    embedding holds only its derived cos/sin table, which no checkpoint carries (vLLM keeps it as is)."""
+class _ExpectedPushGaps(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" warnings that every weight push raises for layers no
+    checkpoint feeds: rotary embeddings (only a derived cos/sin table) and an output head tied to the input
+    embedding (its weight IS the embedding's; the engine re-derives its kernel after the push). A weight
+    the model really lacks is still reported by vLLM's "weights were not loaded" warning."""
+
+    EXPECTED = ("RotaryEmbedding", "MRotaryEmbedding", "ParallelLMHead")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.args and record.args[0] == "RotaryEmbedding" and "Failed to load weights" in str(record.msg))
+        return not (record.args and record.args[0] in self.EXPECTED and "Failed to load weights" in str(record.msg))
 
 
 def quiet_weight_push() -> None:
     logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _DerivedBuffersOnly) for f in logger.filters):
-        logger.addFilter(_DerivedBuffersOnly())
+    if not any(isinstance(f, _ExpectedPushGaps) for f in logger.filters):
+        logger.addFilter(_ExpectedPushGaps())
 
 
 def prepare() -> None:
