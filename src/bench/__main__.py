@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {**cfg, "pipeline_sizes": {10: 2, 100: 1}, "pipeline_reps": 1, "guard_degenerate": 4, "guard_clean": 2}
         mode += " (tiny smoke)"
     engines = EngineBench(model=args.rollout_model, dtype=args.rollout_dtype, prompts=args.rollout_prompts,
-                          new_tokens=args.rollout_new_tokens or cfg["rollout_new_tokens"])
+                          new_tokens=args.rollout_new_tokens or cfg["rollout_new_tokens"], reps=cfg["rollout_reps"])
     machine = machine_info()
     figs: list[Figure] = []
     raw: dict[str, Any] = {}

@@ -31,6 +31,7 @@ class EngineBench:
     new_tokens: int = 64
     prompts: int = 8
     pushes: int = 3
+    reps: int = 3
 
 
 def bench_batching(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
@@ -128,37 +129,38 @@ def bench_engines(assets: Assets, opts: EngineBench) -> tuple[list[Figure], dict
     hf.generation_config.min_new_tokens = n  # a fixed length: both engines do the same work
     engine = VLLMEngine(settings, EngineOptions(dtype=opts.dtype), table.im_end_id, pad, table=table, processor=processor)
     engine.min_new_tokens = n
+    times: dict[str, list[float]] = {"hf": [], "vllm": []}
+    outs: dict[str, list] = {}
     try:
-        engine.generate(model, prompts[:1])  # start + first push + warm-up
-        t0 = time.perf_counter()
-        v = engine.generate(model, prompts)
-        v_s = time.perf_counter() - t0
-        hf.generate(model, prompts[:1])  # warm-up
-        t0 = time.perf_counter()
-        h = hf.generate(model, prompts)
-        h_s = time.perf_counter() - t0
-        push = []
-        for _ in range(opts.pushes):
-            push.append(engine.push_weights(model))
+        engine.generate(model, prompts[:1])  # start, first push, warm-up
+        hf.generate(model, prompts[:1])
+        for _ in range(opts.reps):  # interleaved so drift hits both
+            for name, eng in (("vllm", engine), ("hf", hf)):
+                t0 = time.perf_counter()
+                outs[name] = eng.generate(model, prompts)
+                times[name].append(time.perf_counter() - t0)
+        push = [engine.push_weights(model) for _ in range(opts.pushes)]
         start_s = engine.start_s
     finally:
         engine.close()
+    v_s, h_s = median(times["vllm"]), median(times["hf"])
+    v, h = outs["vllm"], outs["hf"]
     identical = [r.response_ids for r in v] == [r.response_ids for r in h]
     tokens = sum(len(r.response_ids) for r in h)
     v_tokens = sum(len(r.response_ids) for r in v)
     exact = opts.dtype == "float32"
-    where = f"{device}, {opts.dtype}, {len(prompts)} prompts x {n} new tokens"
+    where = f"{device}, {opts.dtype}, {len(prompts)} prompts x {n} new tokens, median of {opts.reps}"
     figs = [
         Figure("rollout", f"HF vs vLLM identical greedy outputs ({where})", "yes" if identical else "NO", "",
                "required in float32" if exact else "informational (bf16: close, not equal)", identical if exact else None),
         Figure("rollout", "HF engine (batched generate)", tokens / h_s, "tok/s"),
         Figure("rollout", "vLLM engine", v_tokens / v_s, "tok/s"),
         Figure("rollout", "speed-up vLLM vs HF", (v_tokens / v_s) / (tokens / h_s), "x"),
-        Figure("rollout", "vLLM engine start (build + first push)", start_s, "s"),
+        Figure("rollout", "vLLM engine start (build, before the first push)", start_s, "s"),
         Figure("rollout", f"weight push (median of {len(push)})", median(push), "s"),
     ]
     raw = {"model": str(model_dir), "device": device, "dtype": opts.dtype, "prompts": len(prompts), "new_tokens": n,
-           "hf_s": h_s, "vllm_s": v_s, "hf_tokens": tokens, "vllm_tokens": v_tokens, "tokens_per_s": {"hf": tokens / h_s, "vllm": v_tokens / v_s},
+           "hf_s": h_s, "vllm_s": v_s, "seconds": times, "hf_tokens": tokens, "vllm_tokens": v_tokens, "tokens_per_s": {"hf": tokens / h_s, "vllm": v_tokens / v_s},
            "identical": identical, "engine_start_s": start_s, "push_s": push,
            "parameters": sum(p.numel() for p in model.parameters())}
     return figs, raw

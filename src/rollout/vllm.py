@@ -105,7 +105,7 @@ def finish_response(ids: Sequence[int], eos_id: int, pad_id: int, max_new_tokens
     return list(ids), len(ids) >= max_new_tokens, False
 
 
-def sampling_params(s: DecodeSettings, eos_id: int, pad_id: int, seeds: Sequence[int], guard=None, min_tokens: int = 0) -> list:
+def sampling_params(s: DecodeSettings, eos_id: int, pad_id: int, seeds: Sequence[int | None], guard=None, min_tokens: int = 0) -> list:
     """One ``vllm.SamplingParams`` per request, equal in meaning to :func:`src.rollout.hf.build_generation_config`
     (``min_tokens`` > 0 only for benchmarks that force a fixed answer length)."""
     from vllm import SamplingParams
@@ -370,9 +370,12 @@ class VLLMEngine:
 
     # ---------------------------------------------------------------------------------- rollouts
 
-    def _seeds(self, n: int) -> list[int]:
+    def _seeds(self, n: int) -> list[int | None]:
         """One sampling seed per request from this rank's torch RNG (saved in checkpoints and restored on
-        resume), mixed with the rank so that ranks starting from the same seed sample differently."""
+        resume), mixed with the rank so that ranks starting from the same seed sample differently. Greedy
+        and beam draw nothing: the RNG stream (dropout, data order) stays the one the HF engine leaves."""
+        if self.settings.decode_mode != "sample":
+            return [None] * n
         rank, _ = _dist_rank_world()
         draws = torch.randint(0, 2**62, (n,), dtype=torch.int64).tolist()
         return [(d * 1_000_003 + rank) % MAX_SEED for d in draws]
