@@ -8,7 +8,7 @@ from typing import Any
 
 from src.bench.common import DESCS, Assets, Figure, make_gt
 
-GUARD_CAP = 3084  # the production max_new_tokens cap (FIELD_NOTES)
+GUARD_CAP = 3084  # the max_new_tokens cap of production runs of this method
 
 
 def _obj_text(o, index: int) -> str:
