@@ -201,16 +201,16 @@ def test_ids_or_pixels_the_engine_consumed_differently_stop_training(vllm_traine
 # ------------------------------------------------------------------------------- rollout window
 
 
-def test_one_engine_call_per_optimizer_step_equals_per_micro_batch_with_vllm(vllm_trainer, demo_model_dirs, vllm_shapes, tmp_path, monkeypatch):
+def test_one_engine_call_per_optimizer_step_equals_per_micro_batch_with_vllm(vllm_trainer, demo_model_dirs, vllm_shapes, tmp_path):
     """rollout_window: optimizer_step rolls the 2 micro-batches of a step out in ONE vLLM call and trains
     exactly like rolling each out before its forward: same rollouts, losses and counters (fp32 greedy).
     Both runs borrow the session's engine (it takes each run's weights at its first rollout)."""
     from src.sft import build_trainer
     from src.trainers.base import EngineWeightSync
+    from tests.test_trainers import assert_same_training, train_counting_engine_calls
 
     engine = vllm_trainer.rollout_engine
     arch = next(a for a in ARCHS if str(demo_model_dirs[a]) == vllm_trainer.run_config.model.model_name_or_path)
-    generate = engine.generate
 
     def run(window: str):
         cfg = vllm_cfg(demo_model_dirs[arch], vllm_shapes, tmp_path / window,
@@ -219,23 +219,13 @@ def test_one_engine_call_per_optimizer_step_equals_per_micro_batch_with_vllm(vll
         tr = build_trainer(cfg)
         tr.rollout_engine = engine
         tr.add_callback(EngineWeightSync(engine))
-        calls = []
-        monkeypatch.setattr(engine, "generate", lambda model, prompts, synced_gpus=False: (calls.append(len(prompts)), generate(model, prompts, synced_gpus))[1])
-        tr.train()
-        logs = [h for h in tr.state.log_history if "loss" in h]
-        rollouts = [json.loads(line) for line in (Path(cfg.training.args["output_dir"]) / "rollouts.jsonl").read_text().splitlines()]
-        return calls, logs, rollouts
+        return train_counting_engine_calls(tr)
 
     calls_step, logs_step, ro_step = run("optimizer_step")
     calls_micro, logs_micro, ro_micro = run("micro_batch")
     assert calls_step == [2, 2] and calls_micro == [1, 1, 1, 1]
-    assert [r["response_token_ids"] for r in ro_step] == [r["response_token_ids"] for r in ro_micro] and len(ro_step) == 4
-    for a, b in zip(logs_step, logs_micro, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-        for k in a:
-            if k.startswith(("rollout/", "loss/", "tokens/")):
-                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
-        assert a["time/weight_push_s"] > 0  # each step's rollout followed a push of the previous step's weights
+    assert_same_training(ro_step, ro_micro, logs_step, logs_micro)
+    assert all(h["time/weight_push_s"] > 0 for h in logs_step + logs_micro)  # each step's rollout followed a push
     engine.mark_stale()  # it holds the borrowed runs' weights now
 
 

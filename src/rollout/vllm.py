@@ -110,9 +110,7 @@ def sampling_params(s: DecodeSettings, eos_id: int, pad_id: int, seeds: Sequence
     (``min_tokens`` > 0 only for benchmarks that force a fixed answer length)."""
     from vllm import SamplingParams
 
-    if s.decode_mode == "beam":
-        raise ValueError("custom.extra.rollout_matching.decode_mode: beam is not available with backend: vllm")
-    sample = s.decode_mode == "sample"
+    sample = s.decode_mode == "sample"  # beam never gets here: VLLMEngine and the config refuse it
     extra = {"repeat_guard": asdict(guard)} if guard is not None else None
     return [SamplingParams(
         n=1,
@@ -386,8 +384,10 @@ class VLLMEngine:
             raise ValueError("a prompt with image tokens needs its image (PromptEncoding.image) for the vLLM engine")
         n = p.input_ids.numel()
         if n + self.settings.max_new_tokens > self.max_model_len:
-            raise ValueError(f"custom.extra.rollout_matching.vllm.max_model_len: {self.max_model_len} is too small for a "
-                             f"{n}-token prompt + max_new_tokens {self.settings.max_new_tokens}; raise it")
+            from src.config.loader import ConfigError
+
+            raise ConfigError(f"custom.extra.rollout_matching.vllm.max_model_len: {self.max_model_len} is too small for a "
+                              f"{n}-token prompt + max_new_tokens {self.settings.max_new_tokens}; raise it")
         request = {"prompt_token_ids": ids}
         if p.image is not None:
             request["multi_modal_data"] = {"image": p.image}
