@@ -127,10 +127,21 @@ class _ExpectedPushGaps(logging.Filter):
         return not (record.args and record.args[0] in self.EXPECTED and "Failed to load weights" in str(record.msg))
 
 
-def quiet_weight_push() -> None:
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _ExpectedPushGaps) for f in logger.filters):
-        logger.addFilter(_ExpectedPushGaps())
+class _ThreadCallsDuringStart(logging.Filter):
+    """Drops vLLM's CPU-worker warning "doesn't allow to use `torch.set_num_threads` ... skip it": vLLM's
+    own start-up calls hit the no-op it installs; the engine restores torch's thread setting afterwards."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in str(record.msg)
+
+
+def quiet_expected_warnings() -> None:
+    """Filters for the warnings above (each added once)."""
+    for name, cls in (("vllm.model_executor.model_loader.reload.layerwise", _ExpectedPushGaps),
+                      ("vllm.v1.worker.cpu_worker", _ThreadCallsDuringStart)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
 
 
 def prepare() -> None:
@@ -139,4 +150,4 @@ def prepare() -> None:
     install_torchvision_shim()
     route_inspection_subprocess()
     use_image_only_processors()
-    quiet_weight_push()
+    quiet_expected_warnings()
