@@ -2,12 +2,13 @@
 
     python -m src.infer --model DIR --jsonl val.jsonl --out pred.jsonl [--config x.yaml] [--limit N]
 
-Decoding (engine, mode, max_new_tokens, batch size, repeat guard) comes from ``custom.extra.rollout_matching``
-of ``--config`` (a training config or a YAML with just that section); without it the defaults
-(greedy, the HF engine). With ``backend: vllm`` the vLLM engine generates (the model is loaded on the
-CPU and its weights pushed to the engine, as in training); in float32 it writes the same ``raw_text``. Prompt, image loading, generation and parsing are the training code's own
-(``src.data.prompt``, ``src.data.images``, ``src.rollout.encoding``, the rollout engine (``src.rollout.backends.build_engine``),
-``parse_rollout``).
+Decoding (engine, mode, max_new_tokens, batch size, repeat guard) comes from
+``custom.extra.rollout_matching`` of ``--config`` (a training config or a YAML with just that section);
+without it the defaults (greedy, the HF engine). With ``backend: vllm`` the vLLM engine generates (the
+model is loaded on the CPU and its weights pushed to the engine, as in training); in float32 it writes
+the same ``raw_text``. Prompt, image loading, generation and parsing are the training code's own
+(``src.data.prompt``, ``src.data.images``, ``src.rollout.encoding``, the rollout engine
+(``src.rollout.backends.build_engine``), ``parse_rollout``).
 
 Output, one line per image, in input order (all coordinates in PIXELS; ``python -m src.eval`` reads it)::
 
