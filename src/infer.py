@@ -2,11 +2,13 @@
 
     python -m src.infer --model DIR --jsonl val.jsonl --out pred.jsonl [--config x.yaml] [--limit N]
 
-Decoding (mode, max_new_tokens, batch size, repeat guard) comes from ``custom.extra.rollout_matching``
-of ``--config`` (a training config or a YAML with just that section); without it the defaults
-(greedy). Prompt, image loading, generation and parsing are the training code's own
-(``src.data.prompt``, ``src.data.images``, ``src.rollout.encoding``, the rollout engine (``src.rollout.engine.build_engine``),
-``parse_rollout``).
+Decoding (engine, mode, max_new_tokens, batch size, repeat guard) comes from
+``custom.extra.rollout_matching`` of ``--config`` (a training config or a YAML with just that section);
+without it the defaults (greedy, the HF engine). With ``backend: vllm`` the vLLM engine generates (the
+model is loaded on the CPU and its weights pushed to the engine, as in training); in float32 it writes
+the same ``raw_text``. Prompt, image loading, generation and parsing are the training code's own
+(``src.data.prompt``, ``src.data.images``, ``src.rollout.encoding``, the rollout engine
+(``src.rollout.backends.build_engine``), ``parse_rollout``).
 
 Output, one line per image, in input order (all coordinates in PIXELS; ``python -m src.eval`` reads it)::
 
@@ -109,11 +111,11 @@ def run_inference(model, processor, records: Sequence[Record], rm: RolloutMatchi
     from src.data.prompt import prompt_text
     from src.rollout_matching.parser import parse_rollout
     from src.rollout.encoding import encode_prompt
-    from src.rollout.engine import build_engine
+    from src.rollout.backends import build_engine
     from src.rollout_matching.tokens import token_table
 
     table = token_table(processor.tokenizer)
-    engine = build_engine(rm, table, processor.tokenizer.pad_token_id)
+    engine = build_engine(rm, table, processor.tokenizer.pad_token_id, processor=processor)
     prompt = prompt_text(processor)
     bs = engine.settings.decode_batch_size
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -131,6 +133,8 @@ def run_inference(model, processor, records: Sequence[Record], rm: RolloutMatchi
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if hasattr(engine, "close"):
+            engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if rm.backend == "vllm":
+            device = "cpu"  # the engine generates on its own copy: the model here only lends it its weights
         model, processor = load_model(args.model, device)
         run_inference(model, processor, records, rm, args.out)
     except (InferError, ConfigError, DataError) as e:

@@ -35,6 +35,30 @@ def tiny_loaded(tiny_model_dirs):
 
 
 @pytest.fixture(scope="session")
+def demo_model_dirs(tmp_path_factory, qwen_tokenizer) -> dict[str, Path]:
+    """arch -> a tiny ``demo``-preset model (head_dim 32, which vLLM's CPU attention accepts) for Qwen3-VL and
+    Qwen2.5-VL, float32, with every matrix scaled x4: at the stock init a greedy rollout repeats one token,
+    which would make a parity check between two engines nearly vacuous."""
+    import torch
+
+    from src.models.build_tiny import build_tiny_model_dir
+    from src.models.loading import load_model_and_processor
+
+    root = tmp_path_factory.mktemp("demo_models")
+    out = {}
+    for arch in ("qwen3_vl", "qwen2_5_vl"):
+        d = build_tiny_model_dir(root / arch, arch, seed=0, preset="demo", tokenizer=qwen_tokenizer)
+        model, _ = load_model_and_processor(d)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.mul_(4.0)
+        model.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture(scope="session")
 def sample_images():
     """Two deterministic RGB images of different sizes: 128x128 and 200x96 (w x h)."""
     from PIL import Image

@@ -41,7 +41,7 @@ def test_bench_rejects_unknown_case(tmp_path):
 
 def test_guard_oracle_keeps_exactly_the_distinct_objects(token_table):
     """The oracle of the guard figure: the shortest prefix whose parse holds every distinct object."""
-    from src.bench import _obj_text, oracle_keep
+    from src.bench.guard import _obj_text, oracle_keep
     from src.data.objects import DetObject
     from src.rollout_matching.parser import parse_rollout
 

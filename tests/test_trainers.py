@@ -421,20 +421,33 @@ def test_one_rollout_call_per_optimizer_step_equals_per_micro_batch(tiny_model_d
         cfg = make_cfg(tiny_model_dirs["qwen3_vl"], shapes_dir, tmp_path / window,
                        custom={"extra": {"rollout_matching": {"rollout_window": window, "log_rollout_samples": 4}}},
                        training={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "max_steps": 2})
-        tr = make_trainer(cfg)
-        calls = []
-        generate = tr.rollout_engine.generate
-        tr.rollout_engine.generate = lambda model, prompts, synced_gpus=False: (calls.append(len(prompts)), generate(model, prompts, synced_gpus))[1]
-        tr.train()
-        logs = [h for h in tr.state.log_history if "loss" in h]
-        rollouts = [json.loads(line) for line in (Path(cfg.training.args["output_dir"]) / "rollouts.jsonl").read_text().splitlines()]
-        return calls, logs, rollouts
+        return train_counting_engine_calls(make_trainer(cfg))
 
     calls_step, logs_step, ro_step = run("optimizer_step")
     calls_micro, logs_micro, ro_micro = run("micro_batch")
     assert calls_step == [2, 2] and calls_micro == [1, 1, 1, 1]
-    assert [r["response_token_ids"] for r in ro_step] == [r["response_token_ids"] for r in ro_micro] and len(ro_step) == 4
-    for a, b in zip(logs_step, logs_micro):
+    assert_same_training(ro_step, ro_micro, logs_step, logs_micro)
+
+
+def train_counting_engine_calls(tr) -> tuple[list[int], list[dict], list[dict]]:
+    """Train; return the number of prompts of each engine call, the train logs and the rollouts.jsonl lines."""
+    engine, calls = tr.rollout_engine, []
+    generate = engine.generate
+    engine.generate = lambda model, prompts, synced_gpus=False: (calls.append(len(prompts)), generate(model, prompts, synced_gpus))[1]
+    try:
+        tr.train()
+    finally:
+        del engine.generate  # the instance attribute goes, the method shows again
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    rollouts = [json.loads(line) for line in (Path(tr.args.output_dir) / "rollouts.jsonl").read_text().splitlines()]
+    return calls, logs, rollouts
+
+
+def assert_same_training(rollouts_a: list[dict], rollouts_b: list[dict], logs_a: list[dict], logs_b: list[dict]) -> None:
+    """Two runs rolled out the same tokens (``rollouts.jsonl`` lines) and logged the same losses and counters."""
+    assert [r["response_token_ids"] for r in rollouts_a] == [r["response_token_ids"] for r in rollouts_b] and len(rollouts_a) == 4
+    assert len(logs_a) == len(logs_b)
+    for a, b in zip(logs_a, logs_b):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         for k in a:
             if k.startswith(("rollout/", "loss/", "tokens/")):

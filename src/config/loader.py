@@ -261,6 +261,7 @@ def check_combinations(cfg: Config) -> None:
     for k in ("ce_weight", "coord_weight"):
         if getattr(rm, k) < 0:
             raise ConfigError(f"custom.extra.rollout_matching.{k}: must be >= 0")
+    check_vllm(rm)
     g = rm.repeat_guard
     if g.enabled and rm.decode_mode == "beam":
         raise ConfigError("custom.extra.rollout_matching.repeat_guard.enabled: not available with decode_mode: beam (beams are reordered every step); use greedy or sample")
@@ -292,6 +293,22 @@ def check_combinations(cfg: Config) -> None:
             raise ConfigError("custom.shapes_data.min_shapes: need 0 <= min_shapes <= max_shapes")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         raise ConfigError("model.lora.r: must be >= 1")
+
+
+def check_vllm(rm: RolloutMatchingConfig) -> None:
+    """``backend: vllm`` settings (the engine itself starts at the first rollout)."""
+    v = rm.vllm
+    key = "custom.extra.rollout_matching.vllm"
+    if rm.backend == "vllm" and rm.decode_mode == "beam":
+        raise ConfigError("custom.extra.rollout_matching.decode_mode: beam is not available with backend: vllm; use greedy or sample, or backend: hf")
+    if not 0.0 < v.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
+    if v.kv_cache_gb is not None and v.kv_cache_gb <= 0:
+        raise ConfigError(f"{key}.kv_cache_gb: must be > 0 or null, got {v.kv_cache_gb}")
+    if v.tensor_parallel_size < 1:
+        raise ConfigError(f"{key}.tensor_parallel_size: must be >= 1, got {v.tensor_parallel_size}")
+    if v.max_model_len is not None and v.max_model_len <= rm.max_new_tokens:
+        raise ConfigError(f"{key}.max_model_len: {v.max_model_len} leaves no room for a prompt with max_new_tokens {rm.max_new_tokens}; raise it or set null")
 
 
 def gradient_accumulation_for(cfg: Config, world_size: int) -> int:
@@ -420,6 +437,8 @@ def load_rollout_matching(path: str | Path) -> RolloutMatchingConfig:
         if not isinstance(section, Mapping):
             raise ConfigError(f"{path}: {prefix}: expected a mapping (section), got {section!r}")
     try:
-        return build_section(RolloutMatchingConfig, section, prefix)
+        rm = build_section(RolloutMatchingConfig, section, prefix)
+        check_vllm(rm)
+        return rm
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -106,10 +106,22 @@ class RepeatGuardConfig:
 
 
 @dataclass(frozen=True)
+class VLLMConfig:
+    """backend: vllm — one colocated vllm.LLM per rank, in the training process (docs/architecture.md)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine weights dtype; 'auto' = the training model's parameter dtype. Greedy rollouts equal the HF engine's token for token in float32; in bfloat16 they are close, not equal.")
+    gpu_memory_utilization: float = opt(0.3, "GPU only: fraction of the GPU's memory the engine may take (its weights + KV cache); the rest stays with training.")
+    kv_cache_gb: float | None = opt(None, "KV cache size in GiB; null = 1 GiB on CPU, sized from gpu_memory_utilization on GPUs.")
+    tensor_parallel_size: int = opt(1, "GPUs one engine spans (must divide the number of ranks); each group of that many ranks rolls out its prompts together.")
+    max_model_len: int | None = opt(None, "Longest prompt + answer (tokens) the engine accepts; null = max_new_tokens + the longest prompt the processor can produce (the prompt with an image at max_pixels).")
+    enable_sleep_mode: bool = opt(False, "GPU only: between rollouts the engine's weights go to host memory and its KV cache is freed (more memory for training, slower rollouts). vLLM's CPU backend has no sleep mode.")
+
+
+@dataclass(frozen=True)
 class RolloutMatchingConfig:
     """Stage-2 knobs (SPEC §7-§12)."""
 
-    backend: Literal["hf"] = opt("hf", "Rollout backend ('hf' = batched transformers generate).")
+    backend: Literal["hf", "vllm"] = opt("hf", "Rollout engine: 'hf' = batched transformers generate on the training model; 'vllm' = a colocated vLLM engine per rank that gets the weights pushed after every optimizer step (settings: vllm.*; install: README). Same prompts, same decoding, same counters.")
     decode_mode: Literal["greedy", "beam", "sample"] = opt("greedy", "Decoding for rollouts. Beam trains on the best beam only.")
     max_new_tokens: int = opt(1024, "Cap on generated tokens per rollout (dense LVIS outputs can need ~11k).")
     num_beams: int = opt(1, "Beams for decode_mode: beam (>= 2).")
@@ -117,7 +129,7 @@ class RolloutMatchingConfig:
     top_p: float = opt(1.0, "Nucleus sampling p (sample mode).")
     top_k: int = opt(0, "Top-k sampling (0 = off; sample mode).")
     repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
-    decode_batch_size: int = opt(8, "Rollouts generated together (left-padded) per generate call.")
+    decode_batch_size: int = opt(8, "Rollouts generated together (left-padded) per generate call; with backend: vllm, the most sequences the engine runs at once (max_num_seqs).")
     rollout_window: Literal["optimizer_step", "micro_batch"] = opt("optimizer_step", "'optimizer_step' = the micro-batches of one optimizer step (gradient accumulation) are rolled out together in one engine call before the first of them trains (the weights are the same for all of them), then each runs its own forward; decode_batch_size may exceed per_device_train_batch_size. 'micro_batch' = each micro-batch is rolled out just before its forward.")
     candidate_top_k: int = opt(5, "GT candidates per prediction (by box IoU, centre distance when all are 0) before maskIoU.")
     maskiou_gate: float = opt(0.3, "Pairs with maskIoU below this are infeasible (counted in rollout/gating_rejections).")
@@ -134,6 +146,7 @@ class RolloutMatchingConfig:
     loss_normalization: Literal["sample", "token"] = opt("sample", "'sample' = each sample's loss is ce_weight * its mean CE + coord_weight * its mean coord loss, averaged over the optimizer step's samples (every sample weighs the same, however long its tail). 'token' = the sum of ce_weight * CE and coord_weight * coord loss over every supervised position of the optimizer step, divided by their number (across gradient accumulation and ranks; needs rollout_window: optimizer_step).")
     log_rollout_samples: int = opt(4, "Rollout samples appended to rollouts.jsonl per logging step (0 = off).")
     repeat_guard: RepeatGuardConfig = sub(RepeatGuardConfig, "Degenerate-loop guard.")
+    vllm: VLLMConfig = sub(VLLMConfig, "The vLLM engine (backend: vllm).")
 
 
 @dataclass(frozen=True)

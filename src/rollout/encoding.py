@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -22,12 +22,14 @@ from src.data.prompt import prompt_text
 @dataclass(frozen=True)
 class PromptEncoding:
     """One sample's prompt. ``input_ids``/``mm_token_type_ids``: ``[L]`` (no padding);
-    ``pixel_values``: ``[n_patches, D]``; ``image_grid_thw``: ``[1, 3]``."""
+    ``pixel_values``: ``[n_patches, D]``; ``image_grid_thw``: ``[1, 3]``; ``image``: the PIL image they were
+    made from (engines that run their own image processing, like vLLM, take it)."""
 
     input_ids: torch.Tensor
     mm_token_type_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    image: Any = field(default=None, compare=False, repr=False)
 
     def digest(self) -> str:
         """Hash of the prompt ids (used to check that the forward uses the rollout's exact prompt)."""
@@ -54,22 +56,36 @@ def encode_prompt(processor, image, prompt: str | None = None) -> PromptEncoding
         raise RuntimeError(f"image placeholder expanded to {found} tokens ({int(mm.sum())} marked), expected {expected}")
     return PromptEncoding(
         input_ids=ids.to(torch.long), mm_token_type_ids=mm.to(torch.long),
-        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], image=image,
     )
 
 
+def pixel_digest(rows: torch.Tensor) -> str:
+    """sha1 of one image's ``pixel_values`` rows (their exact bytes: dtype and values)."""
+    return hashlib.sha1(rows.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+NO_IMAGE_DIGEST = hashlib.sha1(b"").hexdigest()  # what a prompt without an image reports
+
+
 def image_digests(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[str]:
-    """sha1 of each image's rows of a batch's concatenated ``pixel_values`` (``[sum_i t*h*w, D]``; image i
-    owns ``prod(image_grid_thw[i])`` rows, in order)."""
+    """:func:`pixel_digest` of each image's rows of a batch's concatenated ``pixel_values``
+    (``[sum_i t*h*w, D]``; image i owns ``prod(image_grid_thw[i])`` rows, in order)."""
     rows = image_grid_thw.prod(dim=-1).tolist()
     out, start = [], 0
     for n in rows:
-        block = pixel_values[start : start + n].detach().cpu().contiguous()
-        out.append(hashlib.sha1(block.view(torch.uint8).numpy().tobytes()).hexdigest())
+        out.append(pixel_digest(pixel_values[start : start + n]))
         start += n
     if start != pixel_values.shape[0]:
         raise ValueError(f"image_grid_thw accounts for {start} pixel rows, pixel_values has {pixel_values.shape[0]}")
     return out
+
+
+def prompt_digests(prompts: Sequence[PromptEncoding], pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[str]:
+    """One digest per prompt of a batch whose image tensors stack the prompts' images in order: its
+    image's :func:`pixel_digest`, or :data:`NO_IMAGE_DIGEST` for a prompt without an image."""
+    images = iter(image_digests(pixel_values, image_grid_thw))
+    return [next(images) if p.image_grid_thw.numel() else NO_IMAGE_DIGEST for p in prompts]
 
 
 def stack_images(prompts: Sequence[PromptEncoding]) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 An engine turns :class:`src.rollout.encoding.PromptEncoding` s into :class:`Rollout` s with the decoding of
 :class:`DecodeSettings`; the trainers and ``src.infer`` only talk to this interface and get an engine
-from :func:`build_engine` (``custom.extra.rollout_matching.backend``). Every engine reports, per rollout,
+from :func:`src.rollout.backends.build_engine` (``custom.extra.rollout_matching.backend``). Every engine reports, per rollout,
 the prompt ids and image pixels it consumed, which the trainer checks against its teacher-forced forward.
 """
 
@@ -52,16 +52,3 @@ class RolloutEngine(Protocol):
         """One rollout per prompt, in order. ``model``: the policy to roll out (the unwrapped training
         model; an engine that holds its own copy of the weights uses it only to sync them)."""
         ...
-
-
-def build_engine(rm, table, pad_id: int, *, gradient_checkpointing_kwargs: dict | None = None) -> RolloutEngine:
-    """The engine named by ``rm.backend`` (a :class:`src.config.schema.RolloutMatchingConfig`) with its
-    decoding and repeat guard. ``table``: the tokenizer's :class:`src.rollout_matching.tokens.TokenTable`."""
-    from src.rollout.hf import HFEngine
-    from src.rollout_matching.repeat_guard import GuardSettings
-
-    guard = GuardSettings.from_config(rm.repeat_guard) if rm.repeat_guard.enabled else None
-    if rm.backend == "hf":
-        return HFEngine(DecodeSettings.from_config(rm), eos_id=table.im_end_id, pad_id=pad_id, table=table, guard=guard,
-                        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-    raise ValueError(f"custom.extra.rollout_matching.backend: unknown engine {rm.backend!r}")

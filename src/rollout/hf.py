@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from src.rollout.encoding import PromptEncoding, image_digests, left_padded_prompts
+from src.rollout.encoding import PromptEncoding, left_padded_prompts, prompt_digests
 from src.rollout.engine import DecodeSettings, Rollout
 from src.rollout.guard import RepeatGuardCriteria
 
@@ -116,9 +116,12 @@ class HFEngine:
             for i in range(0, len(prompts), bs):
                 chunk = prompts[i : i + bs]
                 batch = left_padded_prompts(chunk, self.pad_id)
-                digests = image_digests(batch["pixel_values"], batch["image_grid_thw"])
+                digests = prompt_digests(chunk, batch["pixel_values"], batch["image_grid_thw"])
+                if batch["image_grid_thw"].numel() == 0:  # text-only prompts
+                    del batch["pixel_values"], batch["image_grid_thw"]
                 batch = {k: v.to(device) for k, v in batch.items()}
-                batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
                 L = batch["input_ids"].shape[1]
                 guard = RepeatGuardCriteria(self.table, self.guard, L, (self.eos_id, self.pad_id)) if self.guard else None
                 kwargs = {"stopping_criteria": [guard]} if guard else {}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from src.config.schema import Config
 from src.data.images import load_image
@@ -21,7 +21,7 @@ from src.data.prompt import prompt_text
 from src.losses.supervised import LossOutput, NonFiniteLogitsError, teacher_forced_losses
 from src.models.selective import selected_logits
 from src.rollout.encoding import encode_prompt
-from src.rollout.engine import build_engine
+from src.rollout.backends import build_engine
 from src.rollout_matching.tokens import token_table
 from src.trainers.batches import MODEL_INPUT_KEYS
 from src.trainers.metrics import StepMetrics, ratio
@@ -39,6 +39,21 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class EngineWeightSync(TrainerCallback):
+    """Tells an engine that holds its own copy of the weights (vLLM) when the policy changed: after every
+    optimizer step, and when training begins (a resumed run has just loaded its checkpoint). The engine
+    pushes the weights before its next rollout, so only steps that changed them cost a push."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.engine.mark_stale()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.engine.mark_stale()
+
+
 class DetectionTrainer(Trainer):
     """Base for both variants. ``compute_loss`` returns a per-sample-mean loss (see
     :mod:`src.losses.supervised`); the Trainer divides it by the accumulation steps."""
@@ -54,8 +69,10 @@ class DetectionTrainer(Trainer):
         self._coord_ids = torch.as_tensor(self.table.coord_ids, dtype=torch.long)
         self.step_metrics = StepMetrics((*LOSS_SUM_KEYS, "samples", *self.extra_metric_keys))
         rm = run_config.rollout_matching
-        self.rollout_engine = build_engine(rm, self.table, processor.tokenizer.pad_token_id,
+        self.rollout_engine = build_engine(rm, self.table, processor.tokenizer.pad_token_id, processor=processor, seed=self.args.seed,
                                            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+        if hasattr(self.rollout_engine, "mark_stale"):  # an engine with its own copy of the weights
+            self.add_callback(EngineWeightSync(self.rollout_engine))
 
     # ------------------------------------------------------------------------- teacher-forced pass
 

@@ -43,7 +43,7 @@ ROLLOUT_SUM_KEYS = (
     "rollout/gating_rejections", "rollout/gt_objects",
     "rollout/samples", "rollout/parse_malformed", "rollout/parse_fallback", "rollout/cut_backoffs",
     "rollout/new_tokens", "rollout/hit_max_new_tokens", "rollout/repeat_guard_stops",
-    "time/rollout_s", "time/targets_s", "time/forward_backward_s",
+    "time/rollout_s", "time/targets_s", "time/forward_backward_s", "time/weight_push_s", "weight_pushes",
 )
 
 
@@ -260,6 +260,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         prompts = [p for b in window.batches for p in b["prompts"]]
         rollouts = self.rollout_engine.generate(self.rollout_model(), prompts, synced_gpus=self.synced_gpus())
         rollout_s = time.perf_counter() - t0
+        self._record_engine_stats()
         plans, start = [], 0
         for b in window.batches:
             n = len(b["records"])
@@ -289,6 +290,8 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
             t0 = time.perf_counter()
             rollouts = self.rollout_engine.generate(self.rollout_model(model), inputs["prompts"], synced_gpus=self.synced_gpus())
             t1 = time.perf_counter()
+            if model.training:
+                self._record_engine_stats()
             plan = self.plan(records, rollouts)
             plan.rollout_s, plan.targets_s = t1 - t0, time.perf_counter() - t1
             self._pipeline_s = time.perf_counter() - t0
@@ -342,6 +345,12 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         m.add("time/rollout_s", rollout_s)
         m.add("time/targets_s", targets_s)
 
+    def _record_engine_stats(self) -> None:
+        """The weight push an engine did before its last rollout (vLLM; the HF engine pushes nothing)."""
+        stats = getattr(self.rollout_engine, "last_stats", {})
+        self.step_metrics.add("time/weight_push_s", stats.get("weight_push_s", 0.0))
+        self.step_metrics.add("weight_pushes", stats.get("weight_pushes", 0.0))
+
     def derive_metrics(self, s: dict[str, float]) -> dict[str, float]:
         out = super().derive_metrics(s)
         n = s["rollout/samples"]
@@ -358,6 +367,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
             "time/rollout_ms_per_sample": 1000 * ratio(s["time/rollout_s"], n),
             "time/targets_ms_per_sample": 1000 * ratio(s["time/targets_s"], n),
             "time/forward_backward_ms_per_sample": 1000 * ratio(s["time/forward_backward_s"], n),
+            "time/weight_push_s": ratio(s["time/weight_push_s"], s["weight_pushes"]),
         })
         return out
 
