@@ -115,6 +115,7 @@ class RolloutMatchingConfig:
     top_k: int = opt(0, "Top-k sampling (0 = off; sample mode).")
     repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
     decode_batch_size: int = opt(8, "Rollouts generated together (left-padded) per generate call.")
+    sharded_generation: Literal["gather_once", "per_token"] = opt("gather_once", "Rollouts when the parameters are sharded across ranks (DeepSpeed ZeRO-3, FSDP2; no effect otherwise). 'gather_once' = gather every parameter once per engine call and generate without collectives (each rank holds the whole model during generation; ranks finish independently). 'per_token' = generate on the sharded model with synced_gpus: every layer is all-gathered for every token and every rank runs until the longest rollout of all ranks ends (least memory, far slower). See docs/scale.md.")
     rollout_window: Literal["optimizer_step", "micro_batch"] = opt("optimizer_step", "'optimizer_step' = the micro-batches of one optimizer step (gradient accumulation) are rolled out together in one engine call before the first of them trains (the weights are the same for all of them), then each runs its own forward; decode_batch_size may exceed per_device_train_batch_size. 'micro_batch' = each micro-batch is rolled out just before its forward.")
     candidate_top_k: int = opt(5, "GT candidates per prediction (by box IoU, centre distance when all are 0) before maskIoU.")
     maskiou_gate: float = opt(0.3, "Pairs with maskIoU below this are infeasible (counted in rollout/gating_rejections).")
