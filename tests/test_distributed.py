@@ -34,25 +34,29 @@ def ddp_assets(tmp_path_factory, tiny_model_dirs):
     return {"root": root, "model": tiny_model_dirs["qwen3_vl"]}
 
 
-def train(assets, name: str, variant: str, per_device: int, nproc: int, normalization: str = "sample") -> tuple[Path, str]:
-    """Train 3 optimizer steps of ``per_device * nproc`` samples each; returns (output dir, stdout)."""
+def train(assets, name: str, variant: str, per_device: int, nproc: int, normalization: str = "sample",
+          training: dict | None = None, rollout: dict | None = None, launcher: Path | None = None) -> tuple[Path, str]:
+    """Train 3 optimizer steps of ``per_device * nproc`` samples each; returns (output dir, stdout).
+    ``training`` / ``rollout``: more ``training.*`` / ``custom.extra.rollout_matching.*`` keys;
+    ``launcher``: a script run instead of ``-m src.sft``."""
     root = assets["root"]
     smoke = "rollout_matching_tiny.yaml" if variant == "rollout_matching_sft" else "sft_tiny.yaml"
     cfg = {
         "extends": str(ROOT / "configs" / "smoke" / smoke),
         "model": {"model_name_or_path": str(assets["model"]), "build_tiny": None},
         "custom": {"train_jsonl": str(root / "shapes" / "train.jsonl"), "val_jsonl": None, "shapes_data": None,
-                   "extra": {"rollout_matching": {"loss_normalization": normalization}}},
+                   "extra": {"rollout_matching": {"loss_normalization": normalization, **(rollout or {})}}},
         "training": {"output_dir": str(root / name), "per_device_train_batch_size": per_device, "max_steps": 3,
-                     "learning_rate": 1e-3, "report_to": []},
+                     "learning_rate": 1e-3, "report_to": [], **(training or {})},
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    entry = [str(launcher)] if launcher else ["-m", "src.sft"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "src.sft", "--config", str(path)]
+        cmd = [sys.executable, *entry, "--config", str(path)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               "-m", "src.sft", "--config", str(path)]
+               *entry, "--config", str(path)]
     return root / name, run(cmd).stdout
 
 
