@@ -270,8 +270,26 @@ def build_trainer(cfg: Config):
 
 def save_merged_lora(trainer, path: Path) -> Path:
     """With LoRA the run directory holds the adapter; also write the merged full model (+ processor) to
-    ``path`` so that it can be used as ``model.model_name_or_path`` (e.g. stage 1 -> stage 2)."""
-    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    ``path`` so that it can be used as ``model.model_name_or_path`` (e.g. stage 1 -> stage 2). Rank 0 only.
+
+    Under ZeRO-3 / FSDP2 this rank holds shards of the base weights: the adapter the run just saved is
+    merged into the base model loaded again (as the run loaded it) instead."""
+    from src.models.sharded import loading_whole_models, sharding_of
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if sharding_of(model) is None:
+        merged = model.merge_and_unload()
+    else:
+        from peft import PeftModel
+
+        from src.models.loading import load_model_and_processor
+
+        m = trainer.run_config.model
+        with loading_whole_models(getattr(trainer.args, "hf_deepspeed_config", None)):
+            base, _ = load_model_and_processor(
+                m.model_name_or_path, add_coord_tokens=m.add_coord_tokens, dtype=m.dtype, min_pixels=m.min_pixels,
+                max_pixels=m.max_pixels, coord_init=trainer.run_config.custom.coord_tokens.init)
+        merged = PeftModel.from_pretrained(base, trainer.args.output_dir).merge_and_unload()
     merged.save_pretrained(path)
     trainer.processor.save_pretrained(path)
     return path

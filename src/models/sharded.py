@@ -186,6 +186,24 @@ def _fsdp2_unsharded(model: torch.nn.Module, everything: bool) -> Iterator[None]
             m.reshard()
 
 
+@contextlib.contextmanager
+def loading_whole_models(hf_deepspeed_config) -> Iterator[None]:
+    """``from_pretrained`` inside the block loads whole parameters although the run uses ZeRO-3: transformers
+    partitions every model it loads while a ZeRO-3 config is registered (``deepspeed.zero.Init``, a
+    collective no other rank joins when one rank loads alone). ``hf_deepspeed_config``: the run's
+    ``TrainingArguments.hf_deepspeed_config`` (None: nothing to do), registered again on exit."""
+    if hf_deepspeed_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_deepspeed_config)
+
+
 def alias_tied_parameters(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``state_dict`` with the names of each parameter of ``model`` that is tied (one Parameter under
     several names: Qwen-VL's input embeddings and ``lm_head`` with ``tie_word_embeddings``) pointing at
