@@ -69,7 +69,7 @@ class ShardingSummary:
     model; ``local_optimizer`` / ``total_optimizer``: fp32 optimizer-partition elements under ZeRO-1/2
     (0 / 0 when not measured)."""
 
-    kind: str                 # "zero3", "fsdp2", "zero2" (optimizer states and gradients partitioned) or "replicated"
+    kind: str                 # "zero3", "fsdp2", "zero1" / "zero2" (optimizer states [and gradients] partitioned), "replicated"
     wrapper: str              # class name of the wrapped training model (DeepSpeedEngine, DistributedDataParallel, FSDP...)
     local_params: int
     total_params: int
@@ -100,7 +100,8 @@ def sharding_summary(wrapped: torch.nn.Module) -> ShardingSummary:
     if kind is None and partitions:
         opt_local = sum(t.numel() for t in partitions)
         opt_total = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        kind = "zero2" if opt_local < opt_total else None
+        if opt_local < opt_total:
+            kind = f"zero{wrapped.zero_optimization_stage()}"
     return ShardingSummary(kind or "replicated", type(wrapped).__name__, local, total, opt_local, opt_total)
 
 
