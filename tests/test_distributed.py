@@ -111,7 +111,8 @@ def test_a_multi_process_run_without_data_parallelism_is_refused(monkeypatch):
     from src.config.loader import ConfigError
     from src.sft import check_data_parallel
 
-    fake = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1, device="cpu"))
+    fake = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1, device="cpu"),
+                           args=SimpleNamespace(deepspeed=None, fsdp_plugin_args=None))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert check_data_parallel(fake) == "single process on cpu"
     monkeypatch.setenv("WORLD_SIZE", "2")
