@@ -21,6 +21,7 @@ from src.config.loader import ConfigError, gradient_accumulation_for, load_confi
 from src.config.schema import Config
 from src.data.contract import DataError, load_jsonl
 from src.models.loading import ModelLoadError
+from src.utils.parallel import fsdp_on_cpu, has_accelerator, start_deepspeed_comm
 from src.utils.runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
@@ -191,15 +192,6 @@ def clear_previous_run(out: Path) -> list[str]:
     return removed
 
 
-def has_accelerator() -> bool:
-    """Whether torch sees a GPU or another accelerator (CUDA, XPU, MPS, ...)."""
-    import torch
-
-    if hasattr(torch, "accelerator"):
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
-
-
 def parallel_mode(trainer) -> str:
     """How this run trains, in words, from accelerate's view of it (logged at start, tested)."""
     from accelerate.utils import DistributedType
@@ -228,12 +220,17 @@ def torch_dist_backend() -> str | None:
 
 def check_data_parallel(trainer) -> str:
     """The parallel mode; a multi-process run that accelerate did not make data parallel is an error
-    (each rank would silently train its own copy)."""
+    (each rank would silently train its own copy), and so is a run that asked for DeepSpeed or FSDP and
+    got another mode (e.g. DDP: every rank would hold the whole model and optimizer)."""
     mode = parallel_mode(trainer)
     _, _, world_size = dist_env()
     if world_size > 1 and mode.startswith("single process"):
         raise ConfigError(f"training: {world_size} processes were launched but accelerate set up no data parallelism ({mode}); "
                           "check training.use_cpu / ddp_backend and the accelerate config")
+    args = trainer.args
+    for key, asked, want in (("deepspeed", args.deepspeed, "DeepSpeed"), ("fsdp", getattr(args, "fsdp_plugin_args", None) is not None, "FSDP")):
+        if asked and not mode.startswith(want):
+            raise ConfigError(f"training.{key} is set but accelerate set up {mode}; check the accelerate config and the launcher")
     return mode
 
 
@@ -284,6 +281,7 @@ def build_trainer(cfg: Config):
     trainer_cls = get_trainer_class(cfg.custom.trainer_variant)
     resume = resolve_run_dir(cfg)
     targs = training_arguments(cfg, resume)  # validated before any model loads
+    start_deepspeed_comm(targs)  # CPU processes + DeepSpeed: before the model loads (ZeRO-3 partitions it while loading)
     prepare_assets(cfg)
     train, val = load_records(cfg)
     m = cfg.model
@@ -292,10 +290,11 @@ def build_trainer(cfg: Config):
         freeze_vision=m.freeze_vision, lora=lora_spec(m.lora), coord_init=cfg.custom.coord_tokens.init,
         min_pixels=m.min_pixels, max_pixels=m.max_pixels,
     )
-    trainer = trainer_cls(
-        model=model, args=targs, train_dataset=RecordDataset(train), eval_dataset=RecordDataset(val) if val else None,
-        data_collator=trainer_cls.make_collator(processor, cfg, targs.seed), run_config=cfg, processor=processor,
-    )
+    with fsdp_on_cpu(targs):  # CPU processes + FSDP2: accelerate's state says FSDP (see src/utils/parallel.py)
+        trainer = trainer_cls(
+            model=model, args=targs, train_dataset=RecordDataset(train), eval_dataset=RecordDataset(val) if val else None,
+            data_collator=trainer_cls.make_collator(processor, cfg, targs.seed), run_config=cfg, processor=processor,
+        )
     mode = check_data_parallel(trainer)
     if trainer.is_world_process_zero():
         print(f"[parallel] {mode}", flush=True)
@@ -304,11 +303,24 @@ def build_trainer(cfg: Config):
 
 def save_merged_lora(trainer, path: Path) -> Path:
     """With LoRA the run directory holds the adapter; also write the merged full model (+ processor) to
-    ``path`` so that it can be used as ``model.model_name_or_path`` (e.g. stage 1 -> stage 2). The same
-    merge and atomic write as ``python -m src.export``."""
-    from src.models.checkpoints import merge_adapters, write_model_dir
+    ``path`` so that it can be used as ``model.model_name_or_path`` (e.g. stage 1 -> stage 2). Rank 0 only.
+    The same merge and atomic write as ``python -m src.export``.
 
-    merged = merge_adapters(trainer.accelerator.unwrap_model(trainer.model))
+    Under ZeRO-3 / FSDP2 this rank holds shards of the base weights: the adapter the run just saved is
+    merged into the base model loaded again, whole (as ``python -m src.export`` would load it)."""
+    from src.models.checkpoints import merge_adapters, write_model_dir
+    from src.models.sharded import loading_whole_models, sharding_of
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if sharding_of(model) is None:
+        merged = merge_adapters(model)
+    else:
+        from src.models.loading import load_adapter_checkpoint
+
+        m = trainer.run_config.model
+        with loading_whole_models(getattr(trainer.args, "hf_deepspeed_config", None)):
+            merged, _ = load_adapter_checkpoint(trainer.args.output_dir, coord_init=trainer.run_config.custom.coord_tokens.init,
+                                                dtype=m.dtype, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
     return write_model_dir(merged, trainer.processor, path, overwrite=True)
 
 

@@ -33,3 +33,30 @@ def vllm_installed() -> None:
         if os.environ.get("RMSFT_REQUIRE_VLLM") == "1":
             pytest.fail("vllm is not installed, and RMSFT_REQUIRE_VLLM=1 says the vLLM tests must run (install the CPU route, README)")
         pytest.skip("vllm is not installed (the CPU route in the README installs it; CI runs these tests)")
+
+
+@pytest.fixture(scope="session")
+def ddp_assets(tmp_path_factory, tiny_model_dirs):
+    """The tiny Qwen3-VL and 16 shapes images (64 px) of the torchrun tests (test_distributed, test_sharded)."""
+    from src.data.make_shapes import make_shapes
+
+    root = tmp_path_factory.mktemp("ddp")
+    make_shapes(root / "shapes", num_train=16, num_val=4, seed=1, image_size=64, min_shapes=1, max_shapes=2, kinds=("rectangle", "triangle"))
+    return {"root": root, "model": tiny_model_dirs["qwen3_vl"]}
+
+
+@pytest.fixture(scope="session")
+def one_process_runs(ddp_assets):
+    """``(variant, normalization) -> (run dir, stdout)``: 3 steps of 1 process x 4 samples, the reference of
+    the 2-rank runs, trained once per session whichever test asks first."""
+    from tests.test_distributed import train
+
+    done: dict = {}
+
+    def get(variant: str, normalization: str = "sample"):
+        if (variant, normalization) not in done:
+            done[variant, normalization] = train(ddp_assets, f"{variant}_{normalization}_1x4", variant, per_device=4, nproc=1,
+                                                 normalization=normalization)
+        return done[variant, normalization]
+
+    return get

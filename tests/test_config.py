@@ -27,8 +27,6 @@ def write(p: Path, data: dict) -> Path:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_validates(path):
-    if path.parent.name == "deepspeed":
-        pytest.skip("DeepSpeed JSON-style config, not a run config")
     cfg = load_config(path)
     assert cfg.model.model_name_or_path and cfg.custom.train_jsonl
 

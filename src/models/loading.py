@@ -34,6 +34,7 @@ from src.models.checkpoints import (
     training_coord_init,
 )
 from src.models.processor import detect_family, load_processor
+from src.models.sharded import full_shape, gathered_for_update
 from src.models.tokenizer import FIRST_COORD_ID, coord_token_ids, coord_tokens
 from src.models.tokenizer import add_coord_tokens as _add_coord_tokens  # the name is also a parameter below
 
@@ -134,14 +135,15 @@ def init_coord_rows(model, coord_ids: list[int], n_existing: int, method: str = 
     output = model.get_output_embeddings()
     if output is not None and output.weight is not weights[0]:
         weights.append(output.weight)
-    for w in weights:
-        noise = torch.randn(len(coord_ids), w.shape[1], generator=generator)  # [1000, D]
-        if method == "mean":
-            mean, std = _row_mean_std(w, n_existing)
-            rows = mean + noise * (COORD_INIT_NOISE * std)
-        else:
-            rows = noise * model.config.get_text_config().initializer_range
-        w[ids.to(w.device)] = rows.to(device=w.device, dtype=w.dtype)
+    with gathered_for_update(weights):  # whole rows under ZeRO-3; rank 0's rows are broadcast on exit
+        for w in weights:
+            noise = torch.randn(len(coord_ids), w.shape[1], generator=generator)  # [1000, D]
+            if method == "mean":
+                mean, std = _row_mean_std(w, n_existing)
+                rows = mean + noise * (COORD_INIT_NOISE * std)
+            else:
+                rows = noise * model.config.get_text_config().initializer_range
+            w[ids.to(w.device)] = rows.to(device=w.device, dtype=w.dtype)
 
 
 def add_missing_coord_tokens(tokenizer, add: bool, model_dir: Path) -> int | None:
@@ -167,7 +169,7 @@ def fit_coord_rows(model, tokenizer, n_before: int | None, coord_init: str, mode
 
     Grows the embeddings to ``len(tokenizer)`` only when they are too small (never shrinks).
     """
-    n_rows = model.get_input_embeddings().weight.shape[0]
+    n_rows = full_shape(model.get_input_embeddings().weight)[0]  # ZeRO-3 partitions the weight at load
     if n_before is None:
         if len(tokenizer) > n_rows:
             raise ModelLoadError(
@@ -181,6 +183,20 @@ def fit_coord_rows(model, tokenizer, n_before: int | None, coord_init: str, mode
     logger.info("added coord tokens (ids %d..%d) to the tokenizer of %s; rows initialised with %r%s",
                 ids[0], ids[-1], model_dir, coord_init,
                 "" if ids[0] == FIRST_COORD_ID else f" (ids differ from the offline tokenizer's {FIRST_COORD_ID}+k)")
+
+
+def keep_used_weight_conversions(model) -> None:
+    """Remember only the checkpoint-key conversions that loading applied, so that saving writes the
+    checkpoint's own key names back.
+
+    ``from_pretrained`` keeps, in ``model._weight_conversions``, the key renamings that matched the
+    checkpoint, and ``save_pretrained`` reverts them. Under DeepSpeed ZeRO-3 transformers (seen in 5.24)
+    keeps EVERY known renaming instead, used or not: the saved model then had keys such as
+    ``model.language_model.model.layers.*`` instead of ``model.language_model.layers.*``. A no-op for a
+    normal load (already only the used ones) and for versions without the attribute."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and all(hasattr(c, "was_used") for c in conversions):
+        model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
 def _check_vision_token_ids(model, tokenizer, model_dir: Path) -> None:
@@ -285,6 +301,7 @@ def _load_full_model(model_dir: Path, *, add_coord_tokens: bool, dtype: str, att
         model = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(str(model_dir), **kwargs)
     except OSError as e:  # missing / unreadable weight files
         raise ModelLoadError(f"{model_dir}: cannot load the model weights ({_first_line(e)}); the directory must hold a complete checkpoint") from e
+    keep_used_weight_conversions(model)
     _check_vision_token_ids(model, tokenizer, model_dir)
     fit_coord_rows(model, tokenizer, n_before, coord_init, model_dir)
     return model, processor

@@ -270,6 +270,8 @@ class VLLMEngine:
     """See the module docstring. ``generate`` has the :class:`src.rollout.engine.RolloutEngine` signature;
     ``mark_stale`` after an optimizer step; ``close`` before the process group is destroyed."""
 
+    holds_own_weights = True  # generation never reads the training model's (possibly sharded) parameters
+
     def __init__(self, settings: DecodeSettings, options: EngineOptions, eos_id: int, pad_id: int, *, table, processor, guard=None):
         if settings.decode_mode == "beam":
             raise ValueError("custom.extra.rollout_matching.decode_mode: beam is not available with backend: vllm; use greedy or sample")

@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,8 +20,11 @@ from src.data.images import load_image
 from src.data.prompt import prompt_text
 from src.losses.supervised import LossOutput, NonFiniteLogitsError, teacher_forced_losses
 from src.models.selective import selected_logits
-from src.rollout.encoding import encode_prompt
+from src.models.sharded import ShardingSummary, alias_tied_parameters, sharding_summary
 from src.rollout.backends import build_engine
+from src.rollout.encoding import PromptEncoding, encode_prompt
+from src.rollout.engine import Rollout
+from src.rollout.sharded import generate_rollouts
 from src.rollout_matching.tokens import token_table
 from src.trainers.batches import MODEL_INPUT_KEYS
 from src.trainers.metrics import StepMetrics, ratio
@@ -73,6 +76,7 @@ class DetectionTrainer(Trainer):
                                            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
         if hasattr(self.rollout_engine, "mark_stale"):  # an engine with its own copy of the weights
             self.add_callback(EngineWeightSync(self.rollout_engine))
+        self.sharding: ShardingSummary | None = None  # measured at the first training step
 
     # ------------------------------------------------------------------------- teacher-forced pass
 
@@ -161,6 +165,13 @@ class DetectionTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The stock save; a state dict gathered from DeepSpeed / FSDP gets its tied parameters aliased
+        again, so the directory holds the model's usual tensors (:func:`src.models.sharded.alias_tied_parameters`)."""
+        if state_dict is not None:
+            state_dict = alias_tied_parameters(state_dict, self.model)
+        super()._save(output_dir, state_dict=state_dict)
+
     def save_extra_state(self, checkpoint_dir: Path) -> None:
         """Hook: a variant's own state, written into the checkpoint before it is published."""
 
@@ -191,13 +202,21 @@ class DetectionTrainer(Trainer):
 
     # --------------------------------------------------------------------------- rollout evaluation
 
-    def rollout_model(self, model=None):
-        return self.accelerator.unwrap_model(model if model is not None else self.model)
+    def rollout_model(self):
+        return self.accelerator.unwrap_model(self.model)
 
-    def synced_gpus(self) -> bool:
-        from transformers.integrations import is_deepspeed_zero3_enabled
+    def generate_rollouts(self, prompts: Sequence[PromptEncoding]) -> list[Rollout]:
+        """The rollout engine on the current policy (every rank calls this the same number of times);
+        parameters sharded across ranks are gathered per ``sharded_generation`` (:mod:`src.rollout.sharded`)."""
+        return generate_rollouts(self.rollout_engine, prompts, model=self.rollout_model(), wrapped=self.model_wrapped,
+                                 sharded_generation=self.run_config.rollout_matching.sharded_generation)
 
-        return (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled) and world()[1] > 1
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.sharding is None:  # once, on the wrapped model (the Trainer wraps it inside train())
+            self.sharding = sharding_summary(model)
+            if self.is_world_process_zero():
+                print(f"[sharding] {self.sharding.line()}", flush=True)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Greedy-style rollouts (the configured decoding) on the val set; reports
@@ -213,7 +232,6 @@ class DetectionTrainer(Trainer):
         shard = list(range(rank, n, world_size))
         per_rank = math.ceil(n / world_size)
         bs = self.rollout_engine.settings.decode_batch_size
-        model = self.rollout_model()
         rm = self.run_config.rollout_matching
         counts = DetectionCounts()
         prompt = prompt_text(self.processor)
@@ -229,7 +247,7 @@ class DetectionTrainer(Trainer):
                     idx = [0]
                 records = [ds[i]["record"] for i in idx]
                 prompts = [encode_prompt(self.processor, load_image(r.image, r.source), prompt) for r in records]
-                rollouts = self.rollout_engine.generate(model, prompts, synced_gpus=self.synced_gpus())
+                rollouts = self.generate_rollouts(prompts)
                 for rec, ro in list(zip(records, rollouts))[:real]:
                     parsed = parse_rollout(ro.response_ids, self.table)
                     counts.add(count_matches(parsed, rec.objects, match_kwargs(rm), hit_cap=ro.hit_max_new_tokens))

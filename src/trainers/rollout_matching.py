@@ -258,7 +258,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
         counted over all micro-batches and ranks."""
         t0 = time.perf_counter()
         prompts = [p for b in window.batches for p in b["prompts"]]
-        rollouts = self.rollout_engine.generate(self.rollout_model(), prompts, synced_gpus=self.synced_gpus())
+        rollouts = self.generate_rollouts(prompts)
         rollout_s = time.perf_counter() - t0
         self._record_engine_stats()
         plans, start = [], 0
@@ -288,7 +288,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
             plan = window.plans[inputs["window_index"]]
         else:  # rollout_window: micro_batch (or a caller outside the training loop)
             t0 = time.perf_counter()
-            rollouts = self.rollout_engine.generate(self.rollout_model(model), inputs["prompts"], synced_gpus=self.synced_gpus())
+            rollouts = self.generate_rollouts(inputs["prompts"])
             t1 = time.perf_counter()
             if model.training:
                 self._record_engine_stats()
