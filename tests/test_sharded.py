@@ -154,7 +154,7 @@ sys.path.insert(0, {root!r})
 kind, model_dir, out = sys.argv[1:4]
 import torch
 import torch.distributed as dist
-from src.bench_sharded import init_gloo, sample_prompts, shard_model
+from src.bench.sharded import init_gloo, sample_prompts, shard_model
 from src.models.loading import load_model_and_processor
 from src.models.sharded import prepared_for_generation, sharding_summary
 from src.rollout.weights import checkpoint_tensors

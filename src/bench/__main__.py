@@ -19,6 +19,10 @@ Cases (each figure is printed with its goal and PASS / FAIL; one module each in 
 5. ``step``     - a tiny-model stage-2 ``trainer.train()`` split into rollout / targets / forward+backward / other
    (``--step-backend vllm``: with the vLLM engine, weight push included).
 
+The scale path has its own benchmark (it launches ``torchrun`` itself): ``python -m src.bench.sharded
+[--quick]`` — ZeRO-3 / FSDP2 rollouts with the parameters gathered once per call vs per token, and the
+stage-2 step time under DDP, ZeRO-2, ZeRO-3 and FSDP2 (docs/scale.md).
+
 Everything but the HF-vs-vLLM part of ``rollout`` runs on the CPU (a GPU is not used even when present). ``--quick`` shortens every case (see
 ``QUICK`` vs ``FULL``); the figures it prints say which sizes were used.
 """

@@ -1,6 +1,6 @@
 """Benchmark of the scale path: sharded generation and the step time per parallel mode (docs/scale.md).
 
-    python -m src.bench_sharded [--quick] [--out output/bench/sharded.json]
+    python -m src.bench.sharded [--quick] [--out output/bench/sharded.json]
 
 Everything runs under ``torchrun --nproc_per_node 2`` (gloo, CPU; launched by this module) on a tiny random
 Qwen3-VL (``test`` preset, ~10M parameters, 152,669-token vocabulary):
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ZERO3_INFERENCE = {  # the engine the generation case wraps the model in (no Trainer there)
     "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -186,7 +186,7 @@ def step_worker(mode: str, model_dir: str, shapes: str, steps: int, new_tokens: 
 
 
 def torchrun(args: list[str], timeout: int = 900) -> None:
-    """``torchrun --nproc_per_node 2 -m src.bench_sharded <args>``; raises with the tail of its output on failure."""
+    """``torchrun --nproc_per_node 2 -m src.bench.sharded <args>``; raises with the tail of its output on failure."""
     import socket
 
     with socket.socket() as s:
@@ -194,7 +194,7 @@ def torchrun(args: list[str], timeout: int = 900) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "src.bench_sharded", *args]
+           "-m", "src.bench.sharded", *args]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:2])} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -225,7 +225,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m src.bench_sharded", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m src.bench.sharded", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens, repetitions and steps (a few minutes on 2 cores)")
     ap.add_argument("--out", type=Path, default=Path("output/bench/sharded.json"), help="JSON with every measurement")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(results: dict) -> None:
-    print(f"\nsrc.bench_sharded ({results['mode']}), torchrun --nproc_per_node 2, gloo; {results['machine']}")
+    print(f"\nsrc.bench.sharded ({results['mode']}), torchrun --nproc_per_node 2, gloo; {results['machine']}")
     print("\ngeneration (new tokens/s per rank; same prompts, same outputs required)")
     print(f"  {'sharding':<8} {'gather_once':>12} {'per_token':>12} {'ratio':>7}  identical")
     for kind, g in results["generation"].items():
