@@ -516,3 +516,37 @@ def test_sampling_inherits_nothing_from_the_checkpoints_generation_config(tiny_m
         assert ours("sample", seed) == reference(True, seed)
     assert ours("greedy", 0) == reference(False, 0)
     assert ours("sample", 0) != ours("sample", 1)  # really sampling
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_rollouts_make_transformers_log_no_warning(tiny_loaded, mode):
+    """Every call of ``generate`` used to log "Both `min_new_tokens` and `min_length` seem to have been set"
+    (once per micro-batch in every run): the explicit generation config must not contradict itself."""
+    import logging
+
+    from PIL import Image
+
+    from src.data.prompt import prompt_text
+    from src.rollout.encoding import encode_prompt
+    from src.rollout.engine import DecodeSettings
+    from src.rollout.hf import HFEngine
+    from src.rollout_matching.tokens import token_table
+
+    model, processor = tiny_loaded["qwen3_vl"]
+    table = token_table(processor.tokenizer)
+    prompt = encode_prompt(processor, Image.new("RGB", (64, 64), (90, 30, 200)), prompt_text(processor))
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler, logger = Keep(level=logging.WARNING), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        s = DecodeSettings(decode_mode=mode, max_new_tokens=4, temperature=1.0 if mode == "sample" else 0.0, top_k=0, top_p=1.0)
+        out = HFEngine(s, eos_id=table.im_end_id, pad_id=processor.tokenizer.pad_token_id).generate(model, [prompt])
+    finally:
+        logger.removeHandler(handler)
+    assert len(out) == 1 and 1 <= len(out[0].response_ids) <= 4
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []

@@ -33,14 +33,13 @@ def build_generation_config(s: DecodeSettings, eos_id: int, pad_id: int):
     sample = s.decode_mode == "sample"
     return GenerationConfig(
         max_new_tokens=s.max_new_tokens,
-        min_new_tokens=0,
-        min_length=0,
+        min_new_tokens=0,  # min_length follows from it (setting both makes transformers warn on every call)
         do_sample=sample,
         num_beams=s.num_beams if s.decode_mode == "beam" else 1,
         num_return_sequences=1,  # beam: the best beam only
         temperature=s.temperature if sample else 1.0,
         top_p=s.top_p if sample else 1.0,
-        top_k=s.top_k if sample else 0,  # 0 = off
+        top_k=s.top_k if sample else None,  # 0 = off; read only when sampling (any value under greedy makes transformers warn)
         typical_p=1.0,
         epsilon_cutoff=0.0,
         eta_cutoff=0.0,
