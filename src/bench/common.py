@@ -181,3 +181,23 @@ def dense_sample(n: int, rng: random.Random, table, poly_frac: float = 0.4) -> t
         preds.append(make_gt(rng, poly_frac))
     rng.shuffle(preds)
     return table.encode(serialize_objects(preds)) + [table.im_end_id], gts
+
+
+def step_timer():
+    """A ``TrainerCallback`` whose ``steps`` lists the seconds of each optimizer step (``on_step_begin`` ..
+    ``on_step_end``)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.t0, self.steps = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append(time.perf_counter() - self.t0)
+
+    return StepTimer()

@@ -141,23 +141,11 @@ def generation_worker(kind: str, model_dir: str, new_tokens: int, n_prompts: int
 def step_worker(mode: str, model_dir: str, shapes: str, steps: int, new_tokens: int, out: str) -> None:
     """Under torchrun: stage-2 training through the launcher's ``build_trainer``; rank 0 writes JSON."""
     import torch.distributed as dist
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from src.bench.common import step_timer
     from src.config.loader import config_from_dict
     from src.sft import build_trainer
-
-    class StepTimer(TrainerCallback):
-        """Seconds per optimizer step (``on_step_begin`` .. ``on_step_end``)."""
-
-        def __init__(self):
-            self.t0, self.steps = 0.0, []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.steps.append(time.perf_counter() - self.t0)
 
     config = config_from_dict({
         "model": {"model_name_or_path": model_dir},
@@ -169,7 +157,7 @@ def step_worker(mode: str, model_dir: str, shapes: str, steps: int, new_tokens: 
     })
     trainer = build_trainer(config)
     trainer.remove_callback(PrinterCallback)
-    timer = StepTimer()
+    timer = step_timer()
     trainer.add_callback(timer)
     trainer.train()
     if trainer.is_world_process_zero():

@@ -3,16 +3,14 @@ other."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from src.bench.common import Assets, Figure
+from src.bench.common import Assets, Figure, step_timer
 
 
 def bench_step(assets: Assets, cfg: dict, workdir: Path, backend: str = "hf") -> tuple[list[Figure], dict]:
     """``backend: vllm`` runs the tiny demo-preset model (vLLM's CPU attention needs head_dim 32) in float32,
     and the rollout time includes the weight push (reported on its own as well)."""
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from src.config.loader import config_from_dict
@@ -34,19 +32,9 @@ def bench_step(assets: Assets, cfg: dict, workdir: Path, backend: str = "hf") ->
                      "disable_tqdm": True},
     })
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.t0, self.steps = 0.0, []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.steps.append(time.perf_counter() - self.t0)
-
     trainer = build_trainer(config)
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts would bury the table
-    timer = StepTimer()
+    timer = step_timer()
     trainer.add_callback(timer)
     try:
         trainer.train()
