@@ -133,8 +133,7 @@ def run_inference(model, processor, records: Sequence[Record], rm: RolloutMatchi
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -368,8 +368,7 @@ def run(cfg: Config) -> dict:
         trainer.save_state()  # trainer_state.json; its log_history includes the final evaluation
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"[done] {cfg.custom.trainer_variant} -> {out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
-    if hasattr(trainer.rollout_engine, "close"):  # a vLLM engine goes BEFORE the process group (shutdown_distributed)
-        trainer.rollout_engine.close()
+    trainer.rollout_engine.close()  # a vLLM engine goes BEFORE the process group (shutdown_distributed)
     return summary
 
 

@@ -39,8 +39,7 @@ def bench_step(assets: Assets, cfg: dict, workdir: Path, backend: str = "hf") ->
     try:
         trainer.train()
     finally:
-        if hasattr(trainer.rollout_engine, "close"):
-            trainer.rollout_engine.close()
+        trainer.rollout_engine.close()
     logs = [h for h in trainer.state.log_history if "time/rollout_ms_per_sample" in h]
     use = logs[1:] if len(logs) > 1 else logs  # the first step warms up
     step_s = timer.steps[1:] if len(timer.steps) > 1 else timer.steps

@@ -47,8 +47,18 @@ class Rollout:
 
 class RolloutEngine(Protocol):
     settings: DecodeSettings
+    holds_own_weights: bool  # True: generation reads the engine's own copy (vLLM), pushed after mark_stale()
+    last_stats: dict[str, float]  # the last generate call: seconds, new_tokens (+ weight_push_s, weight_pushes)
 
     def generate(self, model, prompts: Sequence[PromptEncoding], synced_gpus: bool = False) -> list[Rollout]:
         """One rollout per prompt, in order. ``model``: the policy to roll out (the unwrapped training
         model; an engine that holds its own copy of the weights uses it only to sync them)."""
+        ...
+
+    def mark_stale(self) -> None:
+        """The policy's weights changed (an optimizer step, a resumed checkpoint)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (before the training process group is destroyed)."""
         ...

@@ -92,7 +92,9 @@ def generation_mode(model, gradient_checkpointing_kwargs: dict | None = None) ->
 
 
 class HFEngine:
-    """Batched Hugging Face ``generate``."""
+    """Batched Hugging Face ``generate``, on the training model itself."""
+
+    holds_own_weights = False
 
     def __init__(self, settings: DecodeSettings, eos_id: int, pad_id: int, *, table=None, guard=None,
                  gradient_checkpointing_kwargs: dict | None = None):
@@ -105,6 +107,12 @@ class HFEngine:
         self.table, self.guard = table, guard
         self.gc_kwargs = gradient_checkpointing_kwargs
         self.last_stats: dict[str, float] = {}
+
+    def mark_stale(self) -> None:
+        """Nothing to do: every rollout reads the training model's current weights."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def generate(self, model, prompts: Sequence[PromptEncoding], synced_gpus: bool = False) -> list[Rollout]:
         out: list[Rollout] = []

@@ -34,7 +34,7 @@ def generate_rollouts(engine: RolloutEngine, prompts: Sequence[PromptEncoding], 
     if sharded_generation not in SHARDED_GENERATION:
         raise ValueError(f"sharded_generation must be one of {SHARDED_GENERATION}, got {sharded_generation!r}")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if sharding_of(model) is None or getattr(engine, "holds_own_weights", False):
+    if sharding_of(model) is None or engine.holds_own_weights:
         # whole parameters; or an engine with its own copy of the weights (vLLM): its weight push gathers
         # module by module (src.rollout.weights.checkpoint_tensors), generation needs no gather
         return engine.generate(model, prompts, synced_gpus=False)

@@ -74,7 +74,7 @@ class DetectionTrainer(Trainer):
         rm = run_config.rollout_matching
         self.rollout_engine = build_engine(rm, self.table, processor.tokenizer.pad_token_id, processor=processor, seed=self.args.seed,
                                            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
-        if hasattr(self.rollout_engine, "mark_stale"):  # an engine with its own copy of the weights
+        if self.rollout_engine.holds_own_weights:
             self.add_callback(EngineWeightSync(self.rollout_engine))
         self.sharding: ShardingSummary | None = None  # measured at the first training step
 

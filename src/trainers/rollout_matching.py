@@ -347,7 +347,7 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
 
     def _record_engine_stats(self) -> None:
         """The weight push an engine did before its last rollout (vLLM; the HF engine pushes nothing)."""
-        stats = getattr(self.rollout_engine, "last_stats", {})
+        stats = self.rollout_engine.last_stats
         self.step_metrics.add("time/weight_push_s", stats.get("weight_push_s", 0.0))
         self.step_metrics.add("weight_pushes", stats.get("weight_pushes", 0.0))
 
