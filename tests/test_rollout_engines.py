@@ -61,8 +61,8 @@ def test_lora_is_pushed_merged_and_the_training_weights_stay_untouched(tiny_mode
     ([5, 6, 2, 2], ([5, 6], False, False)),                # <|endoftext|> dropped
     ([5, 6, 7, 8, 9, 10], ([5, 6, 7, 8, 9, 10], True, False)),  # at the cap
 ])
-def test_finish_response_cuts_like_the_hf_engine(ids, expected):
-    from src.rollout.vllm import finish_response
+def test_finish_response_cuts_at_im_end_or_endoftext(ids, expected):
+    from src.rollout.engine import finish_response
 
     assert finish_response(ids, eos_id=1, pad_id=2, max_new_tokens=6) == expected
 
@@ -71,7 +71,7 @@ def test_finish_response_replays_the_repeat_guard(token_table):
     """The token that trips the guard is the last one kept (the HF criterion stops right after it); the
     <|im_end|> the engine was made to emit after it is dropped; a trip on the last allowed token also
     counts as hitting the cap, as in the HF engine."""
-    from src.rollout.vllm import finish_response
+    from src.rollout.engine import finish_response
     from src.rollout_matching.repeat_guard import GuardSettings, RowGuard
 
     settings = GuardSettings(ngram_size=1, ngram_max_repeats=3)

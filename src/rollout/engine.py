@@ -62,3 +62,20 @@ class RolloutEngine(Protocol):
     def close(self) -> None:
         """Release the engine (before the training process group is destroyed)."""
         ...
+
+
+def finish_response(ids: Sequence[int], eos_id: int, pad_id: int, max_new_tokens: int, guard=None) -> tuple[list[int], bool, bool]:
+    """``(response_ids, hit_max_new_tokens, stopped_by_guard)`` from an engine's output ids, the same for
+    every engine: cut at the first ``<|im_end|>`` (kept: the parser's hard stop) or ``<|endoftext|>``
+    (dropped: the model's own end token, or the padding after a row that stopped early). ``guard``: a fresh
+    :class:`src.rollout_matching.repeat_guard.RowGuard` fed token by token, for an engine that replays it
+    (vLLM), stops the row right after the token that trips it (dropping the ``<|im_end|>`` the engine was
+    made to emit there); the HF engine stops such rows itself and passes none."""
+    for k, t in enumerate(ids):
+        if t == eos_id:
+            return list(ids[: k + 1]), False, False
+        if t == pad_id:
+            return list(ids[:k]), False, False
+        if guard is not None and guard.push(t):
+            return list(ids[: k + 1]), k + 1 >= max_new_tokens, True
+    return list(ids), len(ids) >= max_new_tokens, False

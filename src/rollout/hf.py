@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from src.rollout.encoding import PromptEncoding, left_padded_prompts, prompt_digests
-from src.rollout.engine import DecodeSettings, Rollout
+from src.rollout.engine import DecodeSettings, Rollout, finish_response
 from src.rollout.guard import RepeatGuardCriteria
 
 
@@ -136,14 +136,8 @@ class HFEngine:
                     seqs = model.generate(**batch, generation_config=self.generation_config, synced_gpus=synced_gpus, **kwargs)
                 guard_hits = guard.stopped_rows if guard else set()
                 for b, p in enumerate(chunk):
-                    resp = seqs[b, L:].tolist()
+                    resp, hit_cap, _ = finish_response(seqs[b, L:].tolist(), self.eos_id, self.pad_id, self.settings.max_new_tokens)
                     consumed = tuple(seqs[b, L - p.input_ids.numel() : L].tolist())  # the generated sequence's own prompt part
-                    # Cut at <|im_end|> (kept: the parser's hard stop) or at <|endoftext|> (dropped): the
-                    # model's own end token, or the padding that follows a row that stopped early.
-                    stop = next((k for k, t in enumerate(resp) if t in (self.eos_id, self.pad_id)), None)
-                    if stop is not None:
-                        resp = resp[: stop + 1] if resp[stop] == self.eos_id else resp[:stop]
-                    hit_cap = stop is None and len(resp) >= self.settings.max_new_tokens
                     out.append(Rollout(prompt=p, response_ids=resp, hit_max_new_tokens=hit_cap, stopped_by_guard=b in guard_hits,
                                        consumed_prompt_ids=consumed, consumed_image_digest=digests[b]))
         self.last_stats = {"seconds": time.perf_counter() - t0, "new_tokens": float(sum(len(r.response_ids) for r in out))}

@@ -19,7 +19,7 @@ What it guarantees, and how:
 * The repeat guard: a vLLM logits processor (:class:`RepeatGuardStopper`) runs the same
   :class:`RowGuard` per request and forces ``<|im_end|>`` right after the token that trips it (so the
   engine stops early); the output is then replayed through a fresh guard and cut exactly where the HF
-  engine's stopping criterion would have stopped (:func:`finish_response`), and counted the same way.
+  engine's stopping criterion would have stopped (:func:`src.rollout.engine.finish_response`), and counted the same way.
 * Weights. The engine starts from a shell directory (config + processor, random weights) and receives
   the training model's weights before its first rollout and after every optimizer step that changed them
   (:meth:`VLLMEngine.mark_stale`, called by the trainer): ``reload_weights`` with
@@ -44,7 +44,7 @@ from typing import Iterator, Sequence
 import torch
 
 from src.rollout.encoding import NO_IMAGE_DIGEST, PromptEncoding, pixel_digest
-from src.rollout.engine import DecodeSettings, Rollout
+from src.rollout.engine import DecodeSettings, Rollout, finish_response
 from src.rollout.weights import checkpoint_tensors, unwrap
 
 MAX_SEED = 2**63 - 1
@@ -88,21 +88,6 @@ def request_image_digest(request) -> str:
         raise RuntimeError(f"vLLM request {request.request_id}: expected one image with its pixels, got {len(features)} "
                            "(the engine disables vLLM's processor cache so that the pixels travel with the request)")
     return pixel_digest(features[0].data.get_data()["pixel_values"])
-
-
-def finish_response(ids: Sequence[int], eos_id: int, pad_id: int, max_new_tokens: int, guard=None) -> tuple[list[int], bool, bool]:
-    """``(response_ids, hit_max_new_tokens, stopped_by_guard)`` from the engine's output ids, exactly as
-    the HF engine reports them: cut at the first ``<|im_end|>`` (kept) or ``<|endoftext|>`` (dropped); a
-    repeat guard (a fresh :class:`RowGuard`) fed token by token stops the row right after the token that
-    trips it (dropping the ``<|im_end|>`` the engine was made to emit there)."""
-    for k, t in enumerate(ids):
-        if t == eos_id:
-            return list(ids[: k + 1]), False, False
-        if t == pad_id:
-            return list(ids[:k]), False, False
-        if guard is not None and guard.push(t):
-            return list(ids[: k + 1]), k + 1 >= max_new_tokens, True
-    return list(ids), len(ids) >= max_new_tokens, False
 
 
 def sampling_params(s: DecodeSettings, eos_id: int, pad_id: int, seeds: Sequence[int | None], guard=None, min_tokens: int = 0) -> list:
