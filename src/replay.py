@@ -61,7 +61,7 @@ from src.config.loader import ConfigError, load_rollout_matching
 from src.config.schema import RolloutMatchingConfig
 from src.data.contract import DataError, iter_jsonl, parse_record
 from src.data.objects import DetObject
-from src.models.checkpoints import TOKENIZER_FILES, CheckpointError, tokenizer_dir
+from src.models.checkpoints import TOKENIZER_FILES, CheckpointError, has_tokenizer_files, tokenizer_dir
 from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.ot import prefix_targets_batch
 from src.rollout_matching.parser import parse_rollout, prefix_text
@@ -114,7 +114,7 @@ def _load_token_table(model_dir: str) -> TokenTable:
         path = tokenizer_dir(path)  # a LoRA adapter dir holds the run's tokenizer; one without: its base model's
     except CheckpointError as e:
         raise ReplayError(f"--model {model_dir}: {e}") from None
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer_files(path):
         raise ReplayError(f"--model {model_dir}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}); pass a model directory saved with its tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -21,7 +21,7 @@ from src.config.loader import ConfigError, gradient_accumulation_for, load_confi
 from src.config.schema import Config
 from src.data.contract import DataError, load_jsonl
 from src.models.loading import ModelLoadError
-from src.utils.parallel import fsdp_on_cpu, has_accelerator, start_deepspeed_comm
+from src.utils.parallel import cpu_processes, dist_env, fsdp_on_cpu, start_deepspeed_comm
 from src.utils.runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
@@ -29,11 +29,6 @@ COUNTER_TOTALS = {
     "rollout/parse_dropped_invalid", "rollout/parse_truncated", "rollout/valid_pred_objects", "rollout/matched_for_supervision",
     "rollout/excluded_from_supervision", "rollout/fn_appended", "rollout/gating_rejections", "rollout/gt_objects", "rollout/samples",
 }
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment (1 process when absent)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def wait_for(path: Path, what: str, timeout_s: float = 1800.0) -> None:
@@ -110,7 +105,7 @@ def training_arguments(cfg: Config, resume: str | None = None):
     args = dict(cfg.training.args)
     args["resume_from_checkpoint"] = resume
     args["gradient_accumulation_steps"] = gradient_accumulation_for(cfg, world_size)
-    if world_size > 1 and not has_accelerator():
+    if cpu_processes():
         # Without use_cpu, accelerate reports DistributedType.NO on a CPU-only machine: every rank would
         # train its own copy on its shard and gradients would never be averaged. With it,
         # the model is wrapped in DDP over gloo.

@@ -128,7 +128,7 @@ def test_the_engine_refuses_what_the_machine_cannot_do(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="enable_sleep_mode: true needs a GPU"):
         engine.check_machine(engine.EngineOptions(enable_sleep_mode=True))
-    monkeypatch.setattr(engine, "_dist_rank_world", lambda: (0, 3))
+    monkeypatch.setattr(engine, "world", lambda: (0, 3))
     with pytest.raises(ConfigError, match="tensor_parallel_size: 2 does not divide the 3 ranks"):
         engine.check_machine(engine.EngineOptions(tensor_parallel_size=2))
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch.distributed as dist
-
 from src.models.sharded import prepared_for_generation, sharding_of
 from src.rollout.encoding import PromptEncoding
 from src.rollout.engine import Rollout, RolloutEngine
+from src.utils.parallel import world
 
 SHARDED_GENERATION = ("gather_once", "per_token")
 
@@ -33,11 +32,10 @@ def generate_rollouts(engine: RolloutEngine, prompts: Sequence[PromptEncoding], 
     prepared it (the DeepSpeed engine under ZeRO-3; the model itself under FSDP2)."""
     if sharded_generation not in SHARDED_GENERATION:
         raise ValueError(f"sharded_generation must be one of {SHARDED_GENERATION}, got {sharded_generation!r}")
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if sharding_of(model) is None or engine.holds_own_weights:
         # whole parameters; or an engine with its own copy of the weights (vLLM): its weight push gathers
         # module by module (src.rollout.weights.checkpoint_tensors), generation needs no gather
         return engine.generate(model, prompts, synced_gpus=False)
     gather_once = sharded_generation == "gather_once"
     with prepared_for_generation(wrapped, gather_once=gather_once):
-        return engine.generate(model, prompts, synced_gpus=not gather_once and world > 1)
+        return engine.generate(model, prompts, synced_gpus=not gather_once and world()[1] > 1)

@@ -46,6 +46,7 @@ import torch
 from src.rollout.encoding import NO_IMAGE_DIGEST, PromptEncoding, pixel_digest
 from src.rollout.engine import DecodeSettings, Rollout, finish_response
 from src.rollout.weights import checkpoint_tensors, unwrap
+from src.utils.parallel import world
 
 MAX_SEED = 2**63 - 1
 GIB = 1 << 30
@@ -243,7 +244,7 @@ def check_machine(options: EngineOptions) -> None:
         raise ConfigError(f"{key}.backend: vllm needs the vllm package: pip install -e '.[vllm]' on GPUs, or the CPU route in the README")
     if options.enable_sleep_mode and not torch.cuda.is_available():
         raise ConfigError(f"{key}.vllm.enable_sleep_mode: true needs a GPU (vLLM's CPU backend has no sleep mode); set it to false")
-    _, world_size = _dist_rank_world()
+    _, world_size = world()
     if world_size % options.tensor_parallel_size:
         raise ConfigError(f"{key}.vllm.tensor_parallel_size: {options.tensor_parallel_size} does not divide the {world_size} ranks")
 
@@ -296,7 +297,7 @@ class VLLMEngine:
         _TABLES[str(self._shell)] = self.table
         on_gpu = torch.cuda.is_available()
         kv_gb = o.kv_cache_gb if o.kv_cache_gb is not None else (None if on_gpu else CPU_KV_CACHE_GB)
-        rank, world_size = _dist_rank_world()
+        rank, world_size = world()
         kwargs = dict(
             model=str(self._shell), load_format="dummy", dtype=dtype, seed=o.seed + rank // o.tensor_parallel_size,
             max_model_len=self.max_model_len, max_num_seqs=self.settings.decode_batch_size,
@@ -361,7 +362,7 @@ class VLLMEngine:
         and beam draw nothing: the RNG stream (dropout, data order) stays the one the HF engine leaves."""
         if self.settings.decode_mode != "sample":
             return [None] * n
-        rank, _ = _dist_rank_world()
+        rank, _ = world()
         draws = torch.randint(0, 2**62, (n,), dtype=torch.int64).tolist()
         return [(d * 1_000_003 + rank) % MAX_SEED for d in draws]
 
@@ -448,12 +449,4 @@ class VLLMEngine:
         if self.options.enable_sleep_mode:
             self.llm.sleep(level=1)  # weights to host memory, KV cache freed: the GPU is the trainer's again
             self.asleep = True
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 

@@ -28,18 +28,13 @@ from src.rollout.sharded import generate_rollouts
 from src.rollout_matching.tokens import token_table
 from src.trainers.batches import MODEL_INPUT_KEYS
 from src.trainers.metrics import StepMetrics, ratio
+from src.utils.parallel import world
 
 LOSS_SUM_KEYS = (
     "ce_sum", "ce_count", "coord_sum", "coord_count", "coord_prefix_sum", "coord_prefix_count",
     "coord_tail_sum", "coord_tail_count", "coord_soft_ce_sum", "coord_w1_sum", "coord_gate_sum",
     "coord_mass_sum", "coord_top1_sum", "coord_abs_err_sum",
 )
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class EngineWeightSync(TrainerCallback):

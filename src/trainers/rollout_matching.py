@@ -31,9 +31,10 @@ from src.rollout_matching.matcher import match_objects
 from src.rollout_matching.parser import ParseResult, parse_rollout
 from src.rollout_matching.stats import match_kwargs
 from src.rollout_matching.targets import ControlTokenError, TrainTarget, build_train_target
-from src.trainers.base import DetectionTrainer, world
+from src.trainers.base import DetectionTrainer
 from src.trainers.batches import SupervisedSequence, right_padded_teacher_forced
 from src.trainers.metrics import ratio
+from src.utils.parallel import world
 from src.rollout.engine import Rollout
 
 # Summed over the micro-batches of a logging window and over ranks (SPEC §13 names first).
@@ -175,8 +176,6 @@ class RolloutMatchingSFTTrainer(DetectionTrainer):
     # ------------------------------------------------------------------ checkpoint / resume state
 
     def _rollout_rng_file(self, checkpoint_dir: str | Path) -> Path:
-        from src.trainers.base import world
-
         rank, world_size = world()
         return Path(checkpoint_dir) / ("trainer_rollout_rng.json" if world_size == 1 else f"trainer_rollout_rng_{rank}.json")
 

@@ -22,9 +22,19 @@ import os
 from typing import Iterator
 
 
-def world_size() -> int:
-    """Processes of this run, from torchrun's environment (1 when absent)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (1 process when absent): usable before
+    ``torch.distributed`` starts."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the started process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def has_accelerator() -> bool:
@@ -38,7 +48,7 @@ def has_accelerator() -> bool:
 
 def cpu_processes() -> bool:
     """Several processes and no accelerator: the case this module handles."""
-    return world_size() > 1 and not has_accelerator()
+    return dist_env()[2] > 1 and not has_accelerator()
 
 
 def start_deepspeed_comm(args) -> bool:
