@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from src.models.sharded import inner_module
+
 
 def output_projection(model) -> torch.nn.Module:
     """The ``lm_head`` of ``model``, looking through DDP / DeepSpeed (``.module``) and peft wrappers."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
-        inner = inner.module
+    inner = inner_module(model)
     head = inner.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no output embeddings (lm_head)")

@@ -106,18 +106,23 @@ def sharding_summary(wrapped: torch.nn.Module) -> ShardingSummary:
 
 
 @contextlib.contextmanager
-def gathered_for_update(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Whole parameters inside the block; under ZeRO-3 rank 0's changes are broadcast on exit
-    (``GatheredParameters(modifier_rank=0)``). A no-op for whole parameters. FSDP2 shards after
-    loading, so loading-time updates never see DTensors."""
-    params = list(params)
-    if not any(is_zero3_param(p) for p in params):
+def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Whole ZeRO-3 ``params`` inside the block (``GatheredParameters``): read only when ``modifier_rank``
+    is None, else that rank's changes are broadcast on exit. A no-op for whole parameters."""
+    partitioned = [p for p in params if is_zero3_param(p)]
+    if not partitioned:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def gathered_for_update(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Whole parameters inside the block; under ZeRO-3 rank 0's changes are broadcast on exit. FSDP2
+    shards after loading, so loading-time updates never see DTensors."""
+    return gathered(params, modifier_rank=0)
 
 
 @contextlib.contextmanager

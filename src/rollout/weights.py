@@ -20,48 +20,28 @@ Every rank must iterate the whole generator when parameters are partitioned (the
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import torch
 
+from src.models.sharded import gathered, inner_module, is_fsdp2_param, is_zero3_param
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP / DeepSpeed / peft wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
+    model = inner_module(model)
     if hasattr(model, "get_base_model"):  # peft: the transformers model with the adapter layers injected
         model = model.get_base_model()
     return model
-
-
-def is_partitioned(p: torch.Tensor) -> bool:
-    """A DeepSpeed ZeRO-3 parameter (its data lives in shards across ranks)."""
-    return hasattr(p, "ds_id")
-
-
-@contextlib.contextmanager
-def gathered(params: list[torch.Tensor]) -> Iterator[None]:
-    """Gather ZeRO-3 partitioned ``params`` for the duration of the block (read only); a no-op otherwise."""
-    partitioned = [p for p in params if is_partitioned(p)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A complete, detached tensor: FSDP2 DTensors are gathered; ZeRO-3 data (valid only while gathered)
     is copied, so the caller may keep it after the module is released; anything else is shared as is
     (the engine copies it into its own weights)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
+    if is_fsdp2_param(t):
         return t.full_tensor().detach()
-    return t.detach().clone() if is_partitioned(t) else t.detach()
+    return t.detach().clone() if is_zero3_param(t) else t.detach()
 
 
 def _lora_merged(layer) -> torch.Tensor:
