@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,16 @@ def token_table(qwen_tokenizer):
     from src.rollout_matching.tokens import token_table as build
 
     return build(qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """8 train / 4 val shapes images (64 px, 1-2 rectangles or triangles) of the in-process trainer tests."""
+    from src.data.make_shapes import make_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes(out, num_train=8, num_val=4, seed=0, image_size=64, min_shapes=1, max_shapes=2, kinds=("rectangle", "triangle"))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -212,7 +212,7 @@ def test_bad_override_through_the_real_command_line():
                                              "(not a transformers.TrainingArguments field) (did you mean 'learning_rate'?)"]
 
 
-def test_print_config_and_resolved_config_show_the_overrides(tiny_model_dirs, tmp_path):
+def test_print_config_and_resolved_config_show_the_overrides(tmp_path):
     """--print_config prints the result; a run writes it to resolved_config.yaml with the overrides named,
     so the run is reproducible from its directory alone."""
     r = subprocess.run([sys.executable, "-m", "src.sft", "--config", "configs/demo/stage1_shapes.yaml", "--print_config",

@@ -204,14 +204,14 @@ def test_predictions_outside_the_image_are_clipped_and_invalid_ones_counted_not_
         box(10, 10),                                                # the one valid prediction, appearance rank 5 of 6
     ]
     path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines).replace("NaN", "NaN"))
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert main(["--pred", str(path), "--out", str(tmp_path / "m.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["images"] == 5000 and m["pred_clipped"] == 1 and m["pred_invalid"] == 5
     assert m["pred_objects"] == 4998 + 2 + 1
     err = capsys.readouterr().err
     assert f"note: 5 invalid prediction(s) in 1 line(s) were not scored; first: {path}:43: pred: objects[0]:" in err
-    im = read_predictions(path)[42]
+    preds = read_predictions(path)
+    im, clipped = preds[42], preds[17]
     assert im.pred_invalid == 5 and len(im.pred) == 1 and im.scores == (1 - 5 / 7,)
-    clipped = read_predictions(path)[17]
     assert clipped.pred_pixels[1] == (190.0, 150.0, 200.0, 200.0) and clipped.pred_clipped == 1

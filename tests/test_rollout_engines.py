@@ -5,11 +5,7 @@ and the vLLM settings checked before anything starts."""
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -171,12 +167,9 @@ def test_zero3_parameters_are_exported_one_module_at_a_time(tiny_model_dirs, tmp
     """2 gloo ranks, DeepSpeed ZeRO-3 partitioning the tiny model at load: the exported tensors equal the
     plain state dict on every rank, and the largest gather is one module's parameters, never the model."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (it joins the dev extras with the DeepSpeed/FSDP work)")
-    root = Path(__file__).resolve().parents[1]
+    from tests.test_end_to_end import ROOT, free_port, run
+
     script = tmp_path / "zero3_export.py"
-    script.write_text(ZERO3_EXPORT.format(root=str(root), model=str(tiny_model_dirs["qwen3_vl"])))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script)],
-                       cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0 and r.stdout.count("ok") == 2, r.stderr[-4000:]
+    script.write_text(ZERO3_EXPORT.format(root=str(ROOT), model=str(tiny_model_dirs["qwen3_vl"])))
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)])
+    assert r.stdout.count("ok") == 2, r.stderr[-4000:]

@@ -13,15 +13,6 @@ from src.config.loader import ConfigError, config_from_dict, merge
 from src.data.contract import load_jsonl
 
 
-@pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory) -> Path:
-    from src.data.make_shapes import make_shapes
-
-    out = tmp_path_factory.mktemp("shapes")
-    make_shapes(out, num_train=8, num_val=4, seed=0, image_size=64, min_shapes=1, max_shapes=2, kinds=("rectangle", "triangle"))
-    return out
-
-
 def make_cfg(model_dir, shapes_dir, tmp_path, variant="rollout_matching_sft", **over):
     base = {
         "model": {"model_name_or_path": str(model_dir)},

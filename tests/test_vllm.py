@@ -8,7 +8,6 @@ stage-2 trainer built by the launcher's own ``build_trainer``; the command-line 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,19 +18,10 @@ import yaml
 
 from src.config.loader import config_from_dict, merge
 from src.data.contract import load_jsonl
+from tests.test_end_to_end import ROOT, free_port, run, train_logs
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("qwen3_vl", "qwen2_5_vl")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("vllm_installed")]
-
-
-@pytest.fixture(scope="session")
-def vllm_shapes(tmp_path_factory) -> Path:
-    from src.data.make_shapes import make_shapes
-
-    out = tmp_path_factory.mktemp("vllm_shapes")
-    make_shapes(out, num_train=8, num_val=4, seed=0, image_size=64, min_shapes=1, max_shapes=2, kinds=("rectangle", "triangle"))
-    return out
 
 
 def vllm_cfg(model_dir: Path, shapes: Path, out: Path, **over):
@@ -47,12 +37,12 @@ def vllm_cfg(model_dir: Path, shapes: Path, out: Path, **over):
 
 
 @pytest.fixture(scope="session", params=ARCHS)
-def vllm_trainer(request, demo_model_dirs, vllm_shapes, tmp_path_factory):
+def vllm_trainer(request, demo_model_dirs, shapes_dir, tmp_path_factory):
     """A stage-2 trainer with backend: vllm; its engine starts at the first rollout and lives for the session
     (one architecture at a time: pytest finishes one parameter before starting the next)."""
     from src.sft import build_trainer
 
-    trainer = build_trainer(vllm_cfg(demo_model_dirs[request.param], vllm_shapes, tmp_path_factory.mktemp(f"vllm_{request.param}")))
+    trainer = build_trainer(vllm_cfg(demo_model_dirs[request.param], shapes_dir, tmp_path_factory.mktemp(f"vllm_{request.param}")))
     yield trainer
     trainer.rollout_engine.close()
 
@@ -100,13 +90,13 @@ def assert_same_rollouts(vllm_rollouts, hf_rollouts, prompts) -> None:
 # ----------------------------------------------------------------------------------------- parity
 
 
-def test_greedy_rollouts_equal_the_hf_engine_before_and_after_a_training_step(vllm_trainer, vllm_shapes, sample_images):
+def test_greedy_rollouts_equal_the_hf_engine_before_and_after_a_training_step(vllm_trainer, shapes_dir, sample_images):
     """fp32 greedy: vLLM == HF generate token for token (image and text prompts), on the initial weights and
     after one optimizer step of the real training loop, which pushes the new weights exactly once; held
     back, the engine still answers with the old policy."""
     tr, engine = vllm_trainer, vllm_trainer.rollout_engine
     model = tr.rollout_model()
-    prompts = parity_prompts(tr, vllm_shapes, sample_images)
+    prompts = parity_prompts(tr, shapes_dir, sample_images)
     hf = reference_engine(tr)
     before = engine.generate(model, prompts)
     assert_same_rollouts(before, hf.generate(model, prompts), prompts)
@@ -131,7 +121,7 @@ def test_greedy_rollouts_equal_the_hf_engine_before_and_after_a_training_step(vl
     assert engine.last_stats["weight_pushes"] == 0  # nothing changed since: no push
 
 
-def test_repeat_guard_stops_vllm_rollouts_where_the_hf_engine_stops(vllm_trainer, vllm_shapes, sample_images, monkeypatch):
+def test_repeat_guard_stops_vllm_rollouts_where_the_hf_engine_stops(vllm_trainer, shapes_dir, sample_images, monkeypatch):
     """The guard ends vLLM requests early (a forced <|im_end|> right after the tripping token) and the
     rollouts, stop flags and the trainer's counter equal the HF engine's."""
     from src.rollout_matching.repeat_guard import GuardSettings
@@ -140,7 +130,7 @@ def test_repeat_guard_stops_vllm_rollouts_where_the_hf_engine_stops(vllm_trainer
     engine.mark_stale()  # whatever ran before, roll out this trainer's weights
     monkeypatch.setattr(engine, "guard", GuardSettings(ngram_size=1, ngram_max_repeats=2))
     monkeypatch.setattr(engine, "settings", replace(engine.settings, max_new_tokens=48))
-    prompts = parity_prompts(tr, vllm_shapes, sample_images)
+    prompts = parity_prompts(tr, shapes_dir, sample_images)
     model = tr.rollout_model()
     ours = engine.generate(model, prompts)
     assert_same_rollouts(ours, reference_engine(tr, max_new_tokens=48).generate(model, prompts), prompts)
@@ -149,7 +139,7 @@ def test_repeat_guard_stops_vllm_rollouts_where_the_hf_engine_stops(vllm_trainer
     # vLLM generated only up to the forced end token of each guarded request, not to the cap
     assert engine.last_stats["engine_tokens"] <= sum(len(r.response_ids) for r in ours) + len(stopped)
 
-    inputs = tr.data_collator([{"record": r, "index": i} for i, r in enumerate(load_jsonl(vllm_shapes / "train.jsonl")[0][:2])])
+    inputs = tr.data_collator([{"record": r, "index": i} for i, r in enumerate(load_jsonl(shapes_dir / "train.jsonl")[0][:2])])
     tr.step_metrics.reduce()  # start from zero
     tr.model.train()
     tr.compute_loss(tr.model, inputs)
@@ -161,7 +151,7 @@ def test_repeat_guard_stops_vllm_rollouts_where_the_hf_engine_stops(vllm_trainer
 # ------------------------------------------------------------------------------- prompt checks
 
 
-def test_ids_or_pixels_the_engine_consumed_differently_stop_training(vllm_trainer, vllm_shapes, monkeypatch):
+def test_ids_or_pixels_the_engine_consumed_differently_stop_training(vllm_trainer, shapes_dir, monkeypatch):
     """An engine made to consume other prompt ids (one token swapped before it reaches vLLM), or another
     image (mirrored), reports what it really consumed, and the trainer refuses to train on it."""
     from PIL import Image
@@ -171,7 +161,7 @@ def test_ids_or_pixels_the_engine_consumed_differently_stop_training(vllm_traine
 
     tr = vllm_trainer
     tr.rollout_engine.mark_stale()
-    recs = load_jsonl(vllm_shapes / "train.jsonl")[0][:2]
+    recs = load_jsonl(shapes_dir / "train.jsonl")[0][:2]
     inputs = tr.data_collator([{"record": r, "index": i} for i, r in enumerate(recs)])
     tr.model.train()
     collapse = engine_module.collapse_image_runs
@@ -201,7 +191,7 @@ def test_ids_or_pixels_the_engine_consumed_differently_stop_training(vllm_traine
 # ------------------------------------------------------------------------------- rollout window
 
 
-def test_one_engine_call_per_optimizer_step_equals_per_micro_batch_with_vllm(vllm_trainer, demo_model_dirs, vllm_shapes, tmp_path):
+def test_one_engine_call_per_optimizer_step_equals_per_micro_batch_with_vllm(vllm_trainer, shapes_dir, tmp_path):
     """rollout_window: optimizer_step rolls the 2 micro-batches of a step out in ONE vLLM call and trains
     exactly like rolling each out before its forward: same rollouts, losses and counters (fp32 greedy).
     Both runs borrow the session's engine (it takes each run's weights at its first rollout)."""
@@ -210,10 +200,10 @@ def test_one_engine_call_per_optimizer_step_equals_per_micro_batch_with_vllm(vll
     from tests.test_trainers import assert_same_training, train_counting_engine_calls
 
     engine = vllm_trainer.rollout_engine
-    arch = next(a for a in ARCHS if str(demo_model_dirs[a]) == vllm_trainer.run_config.model.model_name_or_path)
+    model_dir = Path(vllm_trainer.run_config.model.model_name_or_path)  # the session engine's architecture
 
     def run(window: str):
-        cfg = vllm_cfg(demo_model_dirs[arch], vllm_shapes, tmp_path / window,
+        cfg = vllm_cfg(model_dir, shapes_dir, tmp_path / window,
                        custom={"extra": {"rollout_matching": {"rollout_window": window}}},
                        training={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "max_steps": 2})
         tr = build_trainer(cfg)
@@ -246,12 +236,12 @@ def test_sampling_parameters_mean_what_the_hf_ones_mean():
     assert sampling_params(replace(s, top_k=5), 1, 2, [0])[0].top_k == 5
 
 
-def test_sampled_rollouts_follow_the_torch_seed(vllm_trainer, vllm_shapes, sample_images, monkeypatch):
+def test_sampled_rollouts_follow_the_torch_seed(vllm_trainer, shapes_dir, sample_images, monkeypatch):
     """decode_mode: sample draws one seed per request from the rank's torch RNG: the same torch seed gives
     the same rollouts, another seed others."""
     tr, engine = vllm_trainer, vllm_trainer.rollout_engine
     monkeypatch.setattr(engine, "settings", replace(engine.settings, decode_mode="sample", temperature=1.0))
-    prompts = parity_prompts(tr, vllm_shapes, sample_images)[:3]
+    prompts = parity_prompts(tr, shapes_dir, sample_images)[:3]
 
     def sample(seed: int) -> list[list[int]]:
         torch.manual_seed(seed)
@@ -263,16 +253,7 @@ def test_sampled_rollouts_follow_the_torch_seed(vllm_trainer, vllm_shapes, sampl
 # ---------------------------------------------------------------------------------- command line
 
 
-def run_cli(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    import os
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, f"exit {r.returncode}\nSTDOUT:\n{r.stdout[-3000:]}\nSTDERR:\n{r.stderr[-5000:]}"
-    return r
-
-
-def test_src_infer_with_vllm_writes_the_same_raw_text_as_hf(demo_model_dirs, vllm_shapes, tmp_path):
+def test_src_infer_with_vllm_writes_the_same_raw_text_as_hf(demo_model_dirs, shapes_dir, tmp_path):
     """``python -m src.infer --config X``: backend vllm and backend hf write the same raw_text for every image
     (float32 tiny Qwen3-VL, head_dim 32)."""
     from src.infer import main as infer
@@ -283,11 +264,11 @@ def test_src_infer_with_vllm_writes_the_same_raw_text_as_hf(demo_model_dirs, vll
         cfg.write_text(yaml.safe_dump({"custom": {"extra": {"rollout_matching": {"backend": backend, "max_new_tokens": 32,
                                                                                  "vllm": {"dtype": "float32"}}}}}))
         out = tmp_path / f"{backend}.jsonl"
-        args = ["--model", str(demo_model_dirs["qwen3_vl"]), "--jsonl", str(vllm_shapes / "val.jsonl"), "--out", str(out), "--config", str(cfg)]
+        args = ["--model", str(demo_model_dirs["qwen3_vl"]), "--jsonl", str(shapes_dir / "val.jsonl"), "--out", str(out), "--config", str(cfg)]
         if backend == "hf":
             assert infer(args) == 0
         else:  # the command line itself, in its own process (its engine is not the session's)
-            run_cli([sys.executable, "-m", "src.infer", *args])
+            run([sys.executable, "-m", "src.infer", *args], timeout=900)
         texts[backend] = [json.loads(line)["raw_text"] for line in out.read_text().splitlines()]
     assert len(texts["hf"]) == 4 and texts["vllm"] == texts["hf"]
     assert len(set(texts["hf"])) == 4  # four different answers: the comparison is not vacuous
@@ -311,29 +292,20 @@ COUNTERS = ("rollout/parse_dropped_invalid", "rollout/parse_truncated", "rollout
             "rollout/repeat_guard_stops", "loss/ce", "loss/coord", "time/weight_push_s")
 
 
-def train_logs(out: Path) -> list[dict]:
-    return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
-
-
-def test_the_vllm_smoke_config_trains_under_python_m_src_sft(demo_model_dirs, vllm_shapes, tmp_path):
-    cfg, out = smoke_config(tmp_path, demo_model_dirs["qwen3_vl"], vllm_shapes, "smoke", max_steps=3)
-    run_cli([sys.executable, "-m", "src.sft", "--config", str(cfg)])
+def test_the_vllm_smoke_config_trains_under_python_m_src_sft(demo_model_dirs, shapes_dir, tmp_path):
+    cfg, out = smoke_config(tmp_path, demo_model_dirs["qwen3_vl"], shapes_dir, "smoke", max_steps=3)
+    run([sys.executable, "-m", "src.sft", "--config", str(cfg)], timeout=900)
     logs = train_logs(out)
     assert len(logs) == 3 and all(k in h for h in logs for k in COUNTERS)
     assert all(h["rollout/samples"] == 2 and h["time/weight_push_s"] > 0 for h in logs)
     assert json.loads((out / "summary.json").read_text())["eval_rollout_images"] == 4  # evaluation rolled out with the engine too
 
 
-def test_the_vllm_smoke_config_trains_under_torchrun_two_processes(demo_model_dirs, vllm_shapes, tmp_path):
+def test_the_vllm_smoke_config_trains_under_torchrun_two_processes(demo_model_dirs, shapes_dir, tmp_path):
     """One engine per rank (gloo DDP on the CPU); the run ends cleanly (engine down before the group)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg, out = smoke_config(tmp_path, demo_model_dirs["qwen3_vl"], vllm_shapes, "ddp", max_steps=2, per_device_train_batch_size=1)
-    r = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                 "-m", "src.sft", "--config", str(cfg)])
+    cfg, out = smoke_config(tmp_path, demo_model_dirs["qwen3_vl"], shapes_dir, "ddp", max_steps=2, per_device_train_batch_size=1)
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             "-m", "src.sft", "--config", str(cfg)], timeout=900)
     logs = train_logs(out)
     assert len(logs) == 2 and all(k in h for h in logs for k in COUNTERS)
     assert all(h["rollout/samples"] == 2 for h in logs)  # one sample per rank, summed over both

@@ -20,7 +20,6 @@ The prompt encoder (``encode_prompts``: a left-padded batch with ``mm_token_type
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
