@@ -49,15 +49,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from src.data.contract import DataError, iter_jsonl, parse_record
-from src.data.coords import bins_to_pixels
-from src.data.eval_fields import EvalFieldError, EvalInfo, parse_eval_info
+from src.data.contract import DataError, iter_jsonl, parse_object, parse_record
+from src.data.coords import bins_to_pixels, clip_polygon
+from src.data.eval_fields import EvalFieldError, EvalInfo, is_number, parse_eval_info
 from src.data.objects import GEOMETRIES, DetObject
 
 LINE_KEYS = {"image", "width", "height", "gt", "pred", "raw_text", "truncated", "malformed", "hit_max_new_tokens", "dropped_invalid", "id", "eval"}
@@ -164,11 +163,10 @@ def clip_to_image(o: Any, width: int, height: int) -> tuple[Any, bool]:
     out = dict(o)
     for g in GEOMETRIES:
         values = o.get(g)
-        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        if not isinstance(values, list) or not all(is_number(v) for v in values):
             continue
-        clipped = [min(max(v, 0), width if i % 2 == 0 else height) for i, v in enumerate(values)]
-        moved |= clipped != values
-        out[g] = clipped
+        out[g], m = clip_polygon(values, width, height)
+        moved |= m
     return out, moved
 
 
@@ -188,17 +186,19 @@ def read_predicted_objects(obj: dict, where: str) -> PredictedObjects:
         score = default[j]
         if isinstance(o, dict) and "score" in o:
             s = o["score"]
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            if not is_number(s):
                 invalid.append(f"{at}: 'score' must be a finite number, got {s!r}")
                 continue
             score = float(s)
             o = {k: v for k, v in o.items() if k != "score"}
         o, moved = clip_to_image(o, width, height)
         try:
-            (det,), (px,) = _objects({"image": obj["image"], "width": width, "height": height, "pred": [o]}, "pred", f"{where}")
+            det, px = parse_object(o, width, height, "pixel", at)
         except DataError as e:
-            invalid.append(str(e).replace(f"{where}: pred: objects[0]", at, 1))
+            invalid.append(str(e))
             continue
+        if px is None:  # coord-token strings: bins are given, pixels follow from the codec
+            px = bins_to_pixels(det.bins, width, height)
         clipped += moved
         objects.append(det)
         pixels.append(px)

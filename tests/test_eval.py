@@ -215,3 +215,18 @@ def test_predictions_outside_the_image_are_clipped_and_invalid_ones_counted_not_
     im, clipped = preds[42], preds[17]
     assert im.pred_invalid == 5 and len(im.pred) == 1 and im.scores == (1 - 5 / 7,)
     assert clipped.pred_pixels[1] == (190.0, 150.0, 200.0, 200.0) and clipped.pred_clipped == 1
+
+
+def test_predictions_in_coord_tokens_get_pixels_from_the_codec():
+    """A hand-written line may give a prediction as coord-token strings (bins): it is scored, its pixels
+    are the codec's (bins_to_pixels), and a 1-pixel box outside the image next to it is clipped as usual."""
+    from src.data.coords import bins_to_pixels
+    from src.eval import read_line
+
+    tokens = [f"<|coord_{k}|>" for k in (100, 200, 500, 800)]
+    line = {"image": "a.png", "width": 100, "height": 50, "gt": [{"desc": "a", "bbox_2d": [10, 10, 50, 40]}],
+            "pred": [{"desc": "a", "bbox_2d": tokens}, {"desc": "b", "bbox_2d": [60, 10, 101, 40]}]}
+    im = read_line(line, "x.jsonl:1")
+    assert len(im.pred) == 2 and im.pred[0].bins == (100, 200, 500, 800) and im.pred_invalid == 0
+    assert im.pred_pixels[0] == bins_to_pixels((100, 200, 500, 800), 100, 50)
+    assert im.pred_pixels[1] == (60.0, 10.0, 100.0, 40.0) and im.pred_clipped == 1

@@ -111,6 +111,28 @@ def _check_bins(bins: tuple[int, ...], geometry: str, where: str) -> tuple[int, 
     return bins
 
 
+def parse_object(o: Any, width: int, height: int, coords: str, where: str) -> tuple[DetObject, tuple[float, ...] | None]:
+    """Validate one object of an image ``width`` x ``height`` (raises :class:`DataError` starting with
+    ``where``): the object in bins, and its pixel coordinates (None when given as bins / coord tokens)."""
+    if not isinstance(o, dict):
+        raise _fail(where, "each object must be a JSON object")
+    unknown = set(o) - OBJECT_KEYS
+    if unknown:
+        raise _fail(where, f"unknown object key(s) {sorted(unknown)}; an object has 'desc' and one of 'bbox_2d' / 'poly'")
+    desc = o.get("desc")
+    if not isinstance(desc, str) or not desc.strip():
+        raise _fail(where, "'desc' must be a non-empty string")
+    if (token := control_text_in(desc)) is not None:
+        raise _fail(where, f"'desc' {desc!r} contains {token!r}, the text of a tokenizer control token (it would be "
+                    "encoded as that token, not as text); remove or rewrite it")
+    geoms = [g for g in GEOMETRIES if g in o]
+    if len(geoms) != 1:
+        raise _fail(where, f"needs exactly one geometry ('bbox_2d' or 'poly'), found {geoms or 'none'}")
+    bins, px = parse_geometry(o[geoms[0]], geoms[0], width, height, coords, where)
+    desc = unicodedata.normalize("NFC", desc)  # the Qwen tokenizer normalises to NFC; keep text and tokens in step
+    return DetObject(desc=desc, geometry=geoms[0], bins=bins), px  # type: ignore[arg-type]
+
+
 def parse_record(obj: Any, base_dir: Path, where: str, check_image: bool = True, keep_eval: bool = True) -> Record:
     """Validate one decoded JSON line into a :class:`Record` (raises :class:`DataError`). ``keep_eval``:
     keep the validated ``eval`` value on the record (False: validate it, then drop it)."""
@@ -141,24 +163,8 @@ def parse_record(obj: Any, base_dir: Path, where: str, check_image: bool = True,
         raise _fail(where, f"image file not found: {image} (paths are relative to the JSONL's folder)")
     objects, pixels = [], []
     for j, o in enumerate(obj["objects"]):
-        owhere = f"{where}: objects[{j}]"
-        if not isinstance(o, dict):
-            raise _fail(owhere, "each object must be a JSON object")
-        unknown = set(o) - OBJECT_KEYS
-        if unknown:
-            raise _fail(owhere, f"unknown object key(s) {sorted(unknown)}; an object has 'desc' and one of 'bbox_2d' / 'poly'")
-        desc = o.get("desc")
-        if not isinstance(desc, str) or not desc.strip():
-            raise _fail(owhere, "'desc' must be a non-empty string")
-        if (token := control_text_in(desc)) is not None:
-            raise _fail(owhere, f"'desc' {desc!r} contains {token!r}, the text of a tokenizer control token (it would be "
-                        "encoded as that token, not as text); remove or rewrite it")
-        geoms = [g for g in GEOMETRIES if g in o]
-        if len(geoms) != 1:
-            raise _fail(owhere, f"needs exactly one geometry ('bbox_2d' or 'poly'), found {geoms or 'none'}")
-        bins, px = parse_geometry(o[geoms[0]], geoms[0], width, height, coords, owhere)
-        desc = unicodedata.normalize("NFC", desc)  # the Qwen tokenizer normalises to NFC; keep text and tokens in step
-        objects.append(DetObject(desc=desc, geometry=geoms[0], bins=bins))  # type: ignore[arg-type]
+        det, px = parse_object(o, width, height, coords, f"{where}: objects[{j}]")
+        objects.append(det)
         pixels.append(px)
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):

@@ -70,3 +70,10 @@ def pixels_to_bins(values: Sequence[float], width: int, height: int, geometry: s
 def bins_to_pixels(bins: Sequence[int], width: int, height: int) -> tuple[float, ...]:
     """Inverse of :func:`pixels_to_bins` (up to quantization) for a flat ``[x, y, ...]`` list."""
     return tuple(bin_to_pixel(k, width if i % 2 == 0 else height) for i, k in enumerate(bins))
+
+
+def clip_polygon(flat: list, width: int, height: int) -> tuple[list, bool]:
+    """Every vertex of a flat ``[x1, y1, x2, y2, ...]`` list (a box too) clamped into the image
+    (0..width, 0..height), and whether any moved."""
+    out = [min(max(v, 0), width if i % 2 == 0 else height) for i, v in enumerate(flat)]
+    return out, out != flat

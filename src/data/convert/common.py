@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from src.data.contract import DataError, Record, parse_record
+from src.data.coords import clip_polygon
 from src.data.eval_fields import EvalFieldError, check_segmentation, is_number
 from src.utils.files import atomic_path
 
@@ -177,12 +178,6 @@ def largest_polygon(segmentation: list) -> tuple[list | None, int]:
             if a > best_area:
                 best, best_area = part, a
     return best, len(segmentation)
-
-
-def clip_polygon(flat: list, width: int, height: int) -> tuple[list, bool]:
-    """Every vertex clamped into the image, and whether any moved."""
-    out = [min(max(v, 0), width if i % 2 == 0 else height) for i, v in enumerate(flat)]
-    return out, out != flat
 
 
 def training_geometry(ann: SourceAnnotation, box: list, img: SourceImage, geometry: str, counts: ConvertCounts) -> tuple[dict, bool]:
