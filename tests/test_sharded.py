@@ -33,6 +33,7 @@ import pytest
 import torch
 import yaml
 
+from src.bench.sharded import STEP_MODES
 from tests.test_distributed import assert_trains_like, relative_difference, train, weights
 from tests.test_end_to_end import ROOT, UNEVEN_LAUNCHER, free_port, run, train_logs
 
@@ -46,8 +47,8 @@ def fsdp_keys() -> dict:
 
 
 MODES = {
-    "zero2": ({"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json")}, "DeepSpeed ZeRO-2, 2 processes"),
-    "zero3": ({"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json")}, "DeepSpeed ZeRO-3, 2 processes"),
+    "zero2": (STEP_MODES["zero2"], "DeepSpeed ZeRO-2, 2 processes"),
+    "zero3": (STEP_MODES["zero3"], "DeepSpeed ZeRO-3, 2 processes"),
     "fsdp2": (fsdp_keys(), "FSDP2, 2 processes"),
 }
 SHARDING_RE = re.compile(r"^\[sharding\] (\w+): (\w+); this rank holds ([\d,]+) of ([\d,]+) parameter elements"

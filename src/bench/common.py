@@ -201,3 +201,28 @@ def step_timer():
             self.steps.append(time.perf_counter() - self.t0)
 
     return StepTimer()
+
+
+def timed_stage2_trainer(model: dict, train_jsonl: Path, output_dir: Path, *, steps: int, batch: int, rollout: dict,
+                         training: dict | None = None):
+    """``(trainer, timer)``: a stage-2 trainer built by the launcher's own ``build_trainer`` for a step-time
+    benchmark (``model.*`` keys ``model``; ``rollout``: extra ``rollout_matching`` keys; ``training``:
+    extra ``training`` keys), without the per-step log prints, with a :func:`step_timer` attached."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from src.config.loader import config_from_dict
+    from src.sft import build_trainer
+
+    config = config_from_dict({
+        "model": model,
+        "custom": {"trainer_variant": "rollout_matching_sft", "train_jsonl": str(train_jsonl),
+                   "extra": {"rollout_matching": {"decode_batch_size": batch, "log_rollout_samples": 0, **rollout}}},
+        "training": {"output_dir": str(output_dir), "per_device_train_batch_size": batch, "max_steps": steps,
+                     "learning_rate": 1e-4, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
+                     "disable_tqdm": True, **(training or {})},
+    })
+    trainer = build_trainer(config)
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts would bury the table
+    timer = step_timer()
+    trainer.add_callback(timer)
+    return trainer, timer

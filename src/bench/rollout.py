@@ -38,20 +38,14 @@ def bench_batching(assets: Assets, cfg: dict) -> tuple[list[Figure], dict]:
     """Batched ``HFEngine`` (decode_batch_size 8) vs one sample at a time on the same 8 prompts."""
     import torch
 
-    from src.data.contract import load_jsonl
-    from src.data.images import load_image
-    from src.data.prompt import prompt_text
     from src.models.loading import load_model_and_processor
-    from src.rollout.encoding import encode_prompt
     from src.rollout.engine import DecodeSettings
     from src.rollout.hf import HFEngine
 
     model, processor = load_model_and_processor(assets.model_dir)
     model.eval()
     table = assets.table
-    records = load_jsonl(assets.shapes / "train.jsonl")[0][:8]
-    prompt = prompt_text(processor)
-    prompts = [encode_prompt(processor, load_image(r.image, r.source), prompt) for r in records]
+    prompts = _prompts(assets, processor, 8)
     n_new = cfg["rollout_new_tokens"]
 
     def backend(bs: int, max_new: int) -> HFEngine:

@@ -34,7 +34,9 @@ ZERO3_INFERENCE = {  # the engine the generation case wraps the model in (no Tra
     "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
 }
-STEP_MODES = {  # training.* keys per mode; FSDP2 as in configs/examples/qwen3_vl_8b_stage2_fsdp2.yaml
+STEP_MODES = {  # training.* keys per mode; FSDP2 wraps the layers as configs/examples/qwen3_vl_8b_stage2_fsdp2.yaml
+    # does, its other fsdp_config keys (reshard_after_forward, state_dict_type, activation_checkpointing) left
+    # at their defaults: the step times in docs/scale.md were measured so
     "ddp": {},
     "zero2": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json")},
     "zero3": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json")},
@@ -141,24 +143,12 @@ def generation_worker(kind: str, model_dir: str, new_tokens: int, n_prompts: int
 def step_worker(mode: str, model_dir: str, shapes: str, steps: int, new_tokens: int, out: str) -> None:
     """Under torchrun: stage-2 training through the launcher's ``build_trainer``; rank 0 writes JSON."""
     import torch.distributed as dist
-    from transformers.trainer_callback import PrinterCallback
 
-    from src.bench.common import step_timer
-    from src.config.loader import config_from_dict
-    from src.sft import build_trainer
+    from src.bench.common import timed_stage2_trainer
 
-    config = config_from_dict({
-        "model": {"model_name_or_path": model_dir},
-        "custom": {"trainer_variant": "rollout_matching_sft", "train_jsonl": str(Path(shapes) / "train.jsonl"),
-                   "extra": {"rollout_matching": {"max_new_tokens": new_tokens, "decode_batch_size": 2, "log_rollout_samples": 0}}},
-        "training": {"output_dir": str(Path(out).with_suffix("")), "per_device_train_batch_size": 2, "max_steps": steps,
-                     "learning_rate": 1e-4, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
-                     "disable_tqdm": True, "overwrite_output_dir": True, **STEP_MODES[mode]},
-    })
-    trainer = build_trainer(config)
-    trainer.remove_callback(PrinterCallback)
-    timer = step_timer()
-    trainer.add_callback(timer)
+    trainer, timer = timed_stage2_trainer({"model_name_or_path": model_dir}, Path(shapes) / "train.jsonl", Path(out).with_suffix(""),
+                                          steps=steps, batch=2, rollout={"max_new_tokens": new_tokens},
+                                          training={"overwrite_output_dir": True, **STEP_MODES[mode]})
     trainer.train()
     if trainer.is_world_process_zero():
         logs = [h for h in trainer.state.log_history if "rollout/new_tokens_mean" in h]

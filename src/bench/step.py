@@ -5,37 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.bench.common import Assets, Figure, step_timer
+from src.bench.common import Assets, Figure, timed_stage2_trainer
 
 
 def bench_step(assets: Assets, cfg: dict, workdir: Path, backend: str = "hf") -> tuple[list[Figure], dict]:
     """``backend: vllm`` runs the tiny demo-preset model (vLLM's CPU attention needs head_dim 32) in float32,
     and the rollout time includes the weight push (reported on its own as well)."""
-    from transformers.trainer_callback import PrinterCallback
-
-    from src.config.loader import config_from_dict
-    from src.sft import build_trainer
-
     steps, bs, n_new = cfg["step_steps"], cfg["step_batch"], cfg["step_new_tokens"]
-    shapes = assets.shapes
-    rm = {"max_new_tokens": n_new, "decode_batch_size": bs, "log_rollout_samples": 0}
+    rm = {"max_new_tokens": n_new}
     model = {"model_name_or_path": str(assets.model_dir)}
     if backend == "vllm":
         rm.update(backend="vllm", vllm={"dtype": "float32"})
         model = {"model_name_or_path": str(assets.demo_model_dir()), "dtype": "float32"}
-    config = config_from_dict({
-        "model": model,
-        "custom": {"trainer_variant": "rollout_matching_sft", "train_jsonl": str(shapes / "train.jsonl"),
-                   "extra": {"rollout_matching": rm}},
-        "training": {"output_dir": str(workdir / "step_run"), "per_device_train_batch_size": bs, "max_steps": steps,
-                     "learning_rate": 1e-4, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
-                     "disable_tqdm": True},
-    })
-
-    trainer = build_trainer(config)
-    trainer.remove_callback(PrinterCallback)  # the per-step log dicts would bury the table
-    timer = step_timer()
-    trainer.add_callback(timer)
+    trainer, timer = timed_stage2_trainer(model, assets.shapes / "train.jsonl", workdir / "step_run", steps=steps, batch=bs, rollout=rm)
     try:
         trainer.train()
     finally:
