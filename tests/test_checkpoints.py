@@ -243,3 +243,32 @@ def test_overwrite_output_dir_replaces_the_previous_run(run_assets):
     assert not (out / "checkpoint-2").exists()
     assert rollout_steps(out) == [1, 1]  # the new run's lines only, not appended to the old file
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_replace_dir_keeps_the_previous_directory_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """The one directory swap behind checkpoint publishing and model-dir writes: a stale ``.old`` from a
+    killed earlier swap is cleared; a failed rename puts the previous directory back; a good one leaves
+    only the new directory."""
+    from src.utils import files
+    from src.utils.files import replace_dir
+
+    final, new = tmp_path / "checkpoint-4", tmp_path / ".checkpoint-4.partial"
+    final.mkdir()
+    (final / "v").write_text("old")
+    (tmp_path / ".checkpoint-4.old").mkdir()  # left by a killed swap
+    new.mkdir()
+    (new / "v").write_text("new")
+    real = files.os.replace
+
+    def failing(src, dst):
+        if Path(src) == new:
+            raise OSError("rename failed")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError, match="rename failed"):
+        replace_dir(new, final)
+    assert (final / "v").read_text() == "old" and not (tmp_path / ".checkpoint-4.old").exists()
+    monkeypatch.setattr(files.os, "replace", real)
+    replace_dir(new, final)
+    assert (final / "v").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]

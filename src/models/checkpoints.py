@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from src.utils.files import replace_dir
+
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "resolved_config.yaml"  # written by python -m src.sft into training.output_dir
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
@@ -123,17 +125,7 @@ def write_model_dir(model, processor, out: str | Path, *, overwrite: bool = Fals
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)  # put the previous directory back
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -11,10 +11,10 @@ says what a directory lacks, :func:`newest_complete` skips such directories.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
+
+from src.utils.files import replace_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -70,14 +70,6 @@ def newest_complete(output_dir: Path) -> tuple[Path | None, list[Path]]:
 
 
 def publish(staging: Path, final: Path) -> None:
-    """Rename the finished ``staging`` directory to ``final``. A ``final`` left by an earlier save of
-    the same step is moved aside first and deleted only once the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old)
+    """Rename the finished ``staging`` directory to ``final`` (a ``final`` left by an earlier save of the
+    same step is replaced only once the new one is in place)."""
+    replace_dir(staging, final)
